@@ -1,0 +1,315 @@
+"""Show-o2: the whole model in one file (Qwen2.5 LLM, semantic layers, fusion, time token, flow head).
+
+Attribute names are the official state-dict keys (showlab/Show-o show-o2/models/modeling_showo2_qwen2_5.py), so an
+official checkpoint loads key for key. The LLM and the semantic layers are stock transformers modules; the flow
+head and the small projections are written here.
+
+Shape legend: B batch rows, L sequence length, H LLM width, Dh flow-head width, D semantic width,
+nh / nkv query / key-value heads, hd head dim, C latent channels, h w latent grid, N image tokens (= h*w / p^2),
+p patch size.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+from showo2.config import FlowHeadConfig, Showo2Config
+
+
+class RMSNorm(nn.Module):
+    """Official Show-o2 RMSNorm: normalise in fp32, cast back, then scale (modules.py RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Latent (B, C, h, w) -> tokens (B, N, D) with a stride-p convolution, raster order."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h/p, w/p) -> (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Raw flow time t in [0, 1] (no x1000) -> 256-d [cos | sin] sinusoid -> MLP -> temb (B, Dh)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation, computed in fp32 as upstream (modules.py modulate)."""
+    return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def llama3_inv_freq(config: FlowHeadConfig) -> torch.Tensor:
+    """Flow-head RoPE frequencies (hd/2,): theta 5e5 with llama3 long-context scaling (transformers 4.47 rule)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class HeadAttention(nn.Module):
+    """Flow-head attention: GQA, no biases, per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, config: FlowHeadConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x, cos, sin, attention_mask):
+        """x (B, L, Dh); cos/sin (L, hd); attention_mask additive (B, 1, L, L) -> (B, L, Dh)."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2))  # (B, nh, L, hd)
+        k = self.k_norm(self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # enable_gqa: query head i reads kv head i // (nh / nkv), as upstream repeat_kv does.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)  # (B, nh, L, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class HeadMLP(nn.Module):
+    def __init__(self, config: FlowHeadConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def span_modulation(mods: torch.Tensor, in_span: torch.Tensor, neutral: float) -> torch.Tensor:
+    """Per-row modulation (B, Dh) applied only inside the image span (B, L, 1) bool; `neutral` elsewhere -> (B, L, Dh)."""
+    return torch.where(in_span, mods[:, None, :], torch.full_like(mods[:, None, :], neutral))
+
+
+class ModulatedAttentionBlock(nn.Module):
+    """Pre-norm attention + MLP block whose adaLN shift/scale/gate apply only to the image span (time slot included)."""
+
+    def __init__(self, config: FlowHeadConfig):
+        super().__init__()
+        self.self_attn = HeadAttention(config)
+        self.mlp = HeadMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
+
+    def forward(self, x, temb, in_span, cos, sin, attention_mask):
+        """x (B, L, Dh), temb (B, Dh), in_span (B, L, 1) bool -> (B, L, Dh)."""
+        mods = self.adaLN_modulation(temb).to(x.dtype).chunk(6, dim=-1)  # 6 x (B, Dh)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = (span_modulation(m, in_span, 0.0) for m in
+                                                      (mods[0], mods[1], mods[3], mods[4]))
+        gate_msa, gate_mlp = span_modulation(mods[2], in_span, 1.0), span_modulation(mods[5], in_span, 1.0)
+        h = modulate(self.input_layernorm(x), shift_msa, scale_msa)
+        x = x + gate_msa * self.self_attn(h, cos, sin, attention_mask)
+        h = modulate(self.post_attention_layernorm(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) on the image span, then Linear(Dh -> p*p*C)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, temb, in_span):
+        shift, scale = self.adaLN_modulation(temb).to(x.dtype).chunk(2, dim=-1)
+        x = modulate(self.norm_final(x), span_modulation(shift, in_span, 0.0), span_modulation(scale, in_span, 0.0))
+        return self.linear(x)
+
+
+def omni_attention_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean omni-attention mask (B, 1, L, L), True = may attend.
+
+    Causal everywhere, plus full attention inside each [offset, offset + length) block of a row
+    (modality_positions (B, M, 2); length-0 entries are no-ops), as upstream omni_attention.omni_attn_mask_naive.
+    """
+    pos = torch.arange(seq_len, device=modality_positions.device)
+    offset, length = modality_positions[..., 0, None], modality_positions[..., 1, None]  # (B, M, 1)
+    inside = (pos >= offset) & (pos < offset + length)  # (B, M, L)
+    block = (inside[:, :, :, None] & inside[:, :, None, :]).any(dim=1)  # (B, L, L)
+    causal = pos[None, :] <= pos[:, None]  # (L, L): key <= query
+    return (block | causal)[:, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive (0 where allowed, most negative finite value elsewhere) in `dtype`."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class Showo2(nn.Module):
+    def __init__(self, config: Showo2Config):
+        super().__init__()
+        self.config = config
+        H, D, Dh, C, p = (config.hidden_size, config.clip_latent_dim, config.head.hidden_size,
+                          config.image_latent_dim, config.patch_size)
+        llm_config = Qwen2Config(**{**config.llm, "vocab_size": config.llm_vocab_size})
+        llm_config._attn_implementation = "sdpa"
+        self.showo = Qwen2ForCausalLM(llm_config)
+
+        self.image_embedder_und = PatchEmbed(p, C, D)
+        self.image_embedder_gen = PatchEmbed(p, C, H)
+        siglip = config.siglip
+        num_positions = (siglip["image_size"] // siglip["patch_size"]) ** 2
+        self.position_embedding = nn.Embedding(num_positions, D)
+        und_config = SiglipVisionConfig(**{**siglip, "num_hidden_layers": config.num_und_layers})
+        und_config._attn_implementation = "sdpa"
+        self.und_trans = SiglipEncoder(und_config)
+        self.fusion_proj = nn.Sequential(RMSNorm(D + H), nn.Linear(D + H, H), nn.GELU(), nn.Linear(H, H))
+
+        self.time_embed = TimestepEmbedder(Dh)
+        if H != Dh:  # upstream only has these projections when the widths differ
+            self.diff_proj = nn.Sequential(nn.Linear(H, Dh), nn.GELU(), nn.Linear(Dh, Dh))
+            self.time_embed_proj = nn.Linear(Dh, H)
+        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(config.head)
+                                              for _ in range(config.num_diffusion_layers))
+        self.diffusion_head_b = FinalLayer(Dh, p * p * C)
+        self.register_buffer("head_inv_freq", llama3_inv_freq(config.head), persistent=False)
+
+    def init_buffers(self, device=None):
+        """(Re)compute the non-persistent buffers, e.g. after building on the meta device and loading weights."""
+        device = device or self.showo.model.embed_tokens.weight.device
+        with torch.device(device):
+            self.showo.model.rotary_emb = Qwen2RotaryEmbedding(self.showo.config)
+        self.head_inv_freq = llama3_inv_freq(self.config.head).to(device)
+
+    # ---- image side -------------------------------------------------------------------------------------------
+
+    def semantic_position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """SigLIP position table for a (grid_h, grid_w) token grid -> (N, D). Bicubic resize when the table's
+        27x27 grid differs (HQ models), as upstream misc.interpolate_pos_encoding."""
+        table = self.position_embedding.weight  # (P, D)
+        if table.shape[0] == grid_h * grid_w:
+            return table
+        side = math.isqrt(table.shape[0])
+        grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+
+    def embed_image(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised VAE latents (B, C, h, w) -> fused image tokens (B, N, H), raster order."""
+        dtype = self.showo.model.embed_tokens.weight.dtype
+        latents = latents.to(dtype)
+        p = self.config.patch_size
+        und = self.image_embedder_und(latents)  # (B, N, D)
+        und = und + self.semantic_position_embedding(latents.shape[-2] // p, latents.shape[-1] // p)
+        und = self.und_trans(inputs_embeds=und).last_hidden_state  # (B, N, D)
+        gen = self.image_embedder_gen(latents)  # (B, N, H)
+        return self.fusion_proj(torch.cat([und, gen], dim=-1))
+
+    def time_embedding(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow time t (B,) -> (temb (B, Dh) for adaLN, time token (B, H) for the sequence)."""
+        temb = self.time_embed(t, self.showo.model.embed_tokens.weight.dtype)
+        token = self.time_embed_proj(temb) if hasattr(self, "time_embed_proj") else temb
+        return temb, token
+
+    def assemble_embeddings(self, input_ids, image_offsets, time_token, image_tokens):
+        """Token embeddings with each row's image slots overwritten: [time token, N image tokens] at image_offsets.
+
+        input_ids (B, L), image_offsets (B,) index of the time slot, time_token (B, H), image_tokens (B, N, H)
+        -> (B, L, H).
+        """
+        embeds = self.showo.model.embed_tokens(input_ids)  # (B, L, H)
+        slots = torch.cat([time_token[:, None], image_tokens], dim=1).to(embeds.dtype)  # (B, 1+N, H)
+        index = image_offsets[:, None] + torch.arange(slots.shape[1], device=input_ids.device)  # (B, 1+N)
+        return embeds.scatter(1, index[..., None].expand(-1, -1, embeds.shape[-1]), slots)
+
+    # ---- sequence side ----------------------------------------------------------------------------------------
+
+    def llm_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LLM over the whole sequence with an additive (B, 1, L, L) mask -> final-RMSNorm-ed hidden (B, L, H)."""
+        return self.showo.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
+
+    def flow_head(self, hidden, temb, modality_positions, attention_mask):
+        """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C) at every position.
+
+        modality_positions (B, 1, 2): the span [offset, offset + length) that adaLN modulates.
+        """
+        B, L, _ = hidden.shape
+        x = self.diff_proj(hidden) if hasattr(self, "diff_proj") else hidden  # (B, L, Dh)
+        pos = torch.arange(L, device=hidden.device)
+        offset, length = modality_positions[:, 0, 0, None], modality_positions[:, 0, 1, None]  # (B, 1)
+        in_span = ((pos >= offset) & (pos < offset + length))[..., None]  # (B, L, 1)
+        freqs = pos[:, None].float() * self.head_inv_freq[None, :].float()  # (L, hd/2), RoPE positions 0..L-1
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (L, hd)
+        for block in self.diffusion_head_a:
+            x = block(x, temb, in_span, cos, sin, attention_mask)
+        return self.diffusion_head_b(x, temb, in_span)
+
+    def read_velocity(self, head_out: torch.Tensor, image_offsets: torch.Tensor) -> torch.Tensor:
+        """Head outputs (B, L, p*p*C) -> velocity (B, C, h, w), using upstream's raster-chunk layout.
+
+        Output token n (time slot dropped) holds p*p consecutive raster positions of the latent grid,
+        position-major: v[c, y, x] = out[(y*w + x) // p^2, ((y*w + x) % p^2) * C + c]. It is not patch-aligned
+        (upstream unpatchify + forward, modeling_showo2_qwen2_5.py).
+        """
+        B = head_out.shape[0]
+        C, (h, w) = self.config.image_latent_dim, self.config.latent_size
+        N = self.config.num_image_tokens
+        index = image_offsets[:, None] + 1 + torch.arange(N, device=head_out.device)  # (B, N)
+        tokens = head_out.gather(1, index[..., None].expand(-1, -1, head_out.shape[-1]))  # (B, N, p*p*C)
+        return tokens.reshape(B, h * w, C).transpose(1, 2).reshape(B, C, h, w)
+
+    def velocity(self, input_ids, image_offsets, modality_positions, attention_mask, latents, t):
+        """One full flow-head evaluation, as upstream `forward` at inference (the T2I step).
+
+        input_ids (B, L); image_offsets (B,); modality_positions (B, 1, 2); attention_mask additive (B, 1, L, L);
+        latents x_t (B, C, h, w); t (B,) -> velocity (B, C, h, w) in the model dtype.
+        """
+        temb, time_token = self.time_embedding(t)
+        embeds = self.assemble_embeddings(input_ids, image_offsets, time_token, self.embed_image(latents))
+        hidden = self.llm_hidden(embeds, attention_mask)
+        return self.read_velocity(self.flow_head(hidden, temb, modality_positions, attention_mask), image_offsets)
