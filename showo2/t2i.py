@@ -1,0 +1,57 @@
+"""Text-to-image: classifier-free guidance around the flow sampler (upstream inference_t2i.py).
+
+The loop is split at the velocity function, the seam faster step implementations replace: `velocity_fn(x, t)`
+takes the CFG batch latents x (R, C, h, w) and times t (R,) and returns the raw velocities (R, C, h, w).
+"""
+
+from typing import Callable
+
+import torch
+
+from showo2.layouts import Sequences
+from showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from showo2.sampler import FlowEulerSampler
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def full_sequence_velocity_fn(model: Showo2, seqs: Sequences) -> VelocityFn:
+    """The reference step: the whole sequence through LLM and flow head, every call (upstream t2i_generate)."""
+    dtype = model.showo.model.embed_tokens.weight.dtype
+    device = model.showo.model.embed_tokens.weight.device
+    input_ids, offsets, positions = (x.to(device) for x in (seqs.input_ids, seqs.image_offsets,
+                                                            seqs.modality_positions))
+    mask = additive_mask(omni_attention_mask(positions, input_ids.shape[1]), dtype)  # built once per batch
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.velocity(input_ids, offsets, positions, mask, x, t)
+
+    return velocity
+
+
+@torch.no_grad()
+def generate_latents(velocity_fn: VelocityFn, noise: torch.Tensor, *, num_inference_steps: int,
+                     guidance_scale: float, time_shift: float = 3.0, model_dtype=torch.float32) -> torch.Tensor:
+    """Sample latents (B, C, h, w) float32 from noise (B, C, h, w).
+
+    With guidance_scale > 0 the velocity function sees 2B rows (cond rows, then uncond rows, as the sequences were
+    built) and v = v_uncond + g * (v_cond - v_uncond), computed in the model dtype as upstream; with 0, B rows.
+    """
+    sampler = FlowEulerSampler(num_inference_steps, time_shift)
+    use_cfg = guidance_scale > 0
+    # Upstream draws float32 noise and rounds it to the model dtype before sampling in float32.
+    x = noise.to(model_dtype).float()
+    for i in range(sampler.num_model_calls):
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t = sampler.timesteps[i].expand(x_in.shape[0]).to(x.device)
+        v = velocity_fn(x_in, t)
+        if use_cfg:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        x = sampler.step(x, v, i)
+    return x
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Initial latents (B, C, h, w), one CPU generator per row: a row's noise depends only on its seed."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
