@@ -31,6 +31,9 @@ class Sequences:
     image_offsets: torch.Tensor  # (B,) index of each row's time-token slot (image tokens follow it)
     modality_positions: torch.Tensor  # (B, 1, 2) [offset, length] of the bidirectional block of the omni mask
 
+    def to(self, device) -> "Sequences":
+        return Sequences(self.input_ids.to(device), self.image_offsets.to(device), self.modality_positions.to(device))
+
 
 def t2i_max_text_len(max_seq_len: int, num_image_slots: int) -> int:
     """Prompt tokens that fit: the row also holds bos, boi, eoi, eos and the image slots."""

@@ -19,12 +19,11 @@ def full_sequence_velocity_fn(model: Showo2, seqs: Sequences) -> VelocityFn:
     """The reference step: the whole sequence through LLM and flow head, every call (upstream t2i_generate)."""
     dtype = model.showo.model.embed_tokens.weight.dtype
     device = model.showo.model.embed_tokens.weight.device
-    input_ids, offsets, positions = (x.to(device) for x in (seqs.input_ids, seqs.image_offsets,
-                                                            seqs.modality_positions))
-    mask = additive_mask(omni_attention_mask(positions, input_ids.shape[1]), dtype)  # built once per batch
+    seqs = seqs.to(device)
+    mask = additive_mask(omni_attention_mask(seqs.modality_positions, seqs.input_ids.shape[1]), dtype)  # once
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model.velocity(input_ids, offsets, positions, mask, x, t)
+        return model.velocity(seqs.input_ids, seqs.image_offsets, seqs.modality_positions, mask, x, t)
 
     return velocity
 
