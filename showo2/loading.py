@@ -7,6 +7,7 @@ set with its index (`model.safetensors.index.json`, `pytorch_model.bin.index.jso
 upstream's sharded path which silently leaves missing weights uninitialised.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -69,3 +70,58 @@ def load_showo2(path: str, dtype: torch.dtype = torch.float32, device: str | tor
     model.init_buffers(device)  # the non-persistent buffers are still meta tensors
     model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def save_showo2(model: Showo2, folder: str, *, weights_format: str = "safetensors",
+                max_shard_bytes: int | None = None) -> None:
+    """Write `model` in the official layout `load_showo2` reads: config.json (official keys, plus the
+    `diffusion_head_config` extension), llm/config.json, siglip/config.json and the weights
+    (`model.safetensors`, or `pytorch_model.bin` with weights_format="bin"; sharded with an index when the
+    weights exceed max_shard_bytes)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if weights_format not in ("safetensors", "bin"):
+        raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}.")
+    c = model.config
+    os.makedirs(os.path.join(folder, "llm"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "siglip"), exist_ok=True)
+    showo2_config = dict(
+        _class_name="Showo2Qwen2_5", llm_vocab_size=c.llm_vocab_size, llm_model_path="llm", load_from_showo=True,
+        image_latent_dim=c.image_latent_dim, image_latent_height=c.image_latent_height,
+        image_latent_width=c.image_latent_width, video_latent_height=c.image_latent_height,
+        video_latent_width=c.image_latent_width, patch_size=c.patch_size, hidden_size=c.hidden_size,
+        clip_latent_dim=c.clip_latent_dim, num_diffusion_layers=c.num_diffusion_layers,
+        add_time_embeds=c.add_time_embeds, add_qk_norm=True, clip_pretrained_model_path="siglip",
+        diffusion_head_config=dataclasses.asdict(c.head))
+    for name, content in (("config.json", showo2_config),
+                          ("llm/config.json", {"model_type": "qwen2", **c.llm, "vocab_size": c.llm_vocab_size}),
+                          ("siglip/config.json", {"model_type": "siglip", "vision_config": c.siglip})):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    # clone: safetensors refuses tensors that share memory (the tied head), and the files must be self-contained
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    ext = "safetensors" if weights_format == "safetensors" else "bin"
+    write = (lambda s, p: save_file(s, p, metadata={"format": "pt"})) if ext == "safetensors" else torch.save
+    base = "model" if ext == "safetensors" else "pytorch_model"
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and max_shard_bytes and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write(shards[0], os.path.join(folder, f"{base}.{ext}"))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{base}-{i:05d}-of-{len(shards):05d}.{ext}"
+        write(shard, os.path.join(folder, name))
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(folder, f"{base}.{ext}.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                   "weight_map": weight_map}, f, indent=2)
