@@ -91,8 +91,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class HeadAttention(nn.Module):
     """Flow-head attention: GQA, no biases, per-head RMSNorm on q and k before RoPE."""
 
-    def __init__(self, config: FlowHeadConfig):
+    def __init__(self, config: FlowHeadConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
@@ -102,14 +103,17 @@ class HeadAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
 
-    def forward(self, x, cos, sin, attention_mask):
-        """x (B, L, Dh); cos/sin (L, hd); attention_mask additive (B, 1, L, L) -> (B, L, Dh)."""
+    def forward(self, x, cos, sin, attention_mask, cache=None):
+        """x (B, L, Dh); cos/sin broadcastable to (B, 1, L, hd); attention_mask additive (B, 1, L, Lk) where Lk
+        counts the cached keys too -> (B, L, Dh). `cache.update(k, v, layer_idx)` returns all keys and values."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2))  # (B, nh, L, hd)
         k = self.k_norm(self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, Lk, hd)
         # enable_gqa: query head i reads kv head i // (nh / nkv), as upstream repeat_kv does.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)  # (B, nh, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
@@ -134,22 +138,22 @@ def span_modulation(mods: torch.Tensor, in_span: torch.Tensor, neutral: float) -
 class ModulatedAttentionBlock(nn.Module):
     """Pre-norm attention + MLP block whose adaLN shift/scale/gate apply only to the image span (time slot included)."""
 
-    def __init__(self, config: FlowHeadConfig):
+    def __init__(self, config: FlowHeadConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = HeadAttention(config)
+        self.self_attn = HeadAttention(config, layer_idx)
         self.mlp = HeadMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
 
-    def forward(self, x, temb, in_span, cos, sin, attention_mask):
+    def forward(self, x, temb, in_span, cos, sin, attention_mask, cache=None):
         """x (B, L, Dh), temb (B, Dh), in_span (B, L, 1) bool -> (B, L, Dh)."""
         mods = self.adaLN_modulation(temb).to(x.dtype).chunk(6, dim=-1)  # 6 x (B, Dh)
         shift_msa, scale_msa, shift_mlp, scale_mlp = (span_modulation(m, in_span, 0.0) for m in
                                                       (mods[0], mods[1], mods[3], mods[4]))
         gate_msa, gate_mlp = span_modulation(mods[2], in_span, 1.0), span_modulation(mods[5], in_span, 1.0)
         h = modulate(self.input_layernorm(x), shift_msa, scale_msa)
-        x = x + gate_msa * self.self_attn(h, cos, sin, attention_mask)
+        x = x + gate_msa * self.self_attn(h, cos, sin, attention_mask, cache)
         h = modulate(self.post_attention_layernorm(x), shift_mlp, scale_mlp)
         return x + gate_mlp * self.mlp(h)
 
@@ -212,8 +216,8 @@ class Showo2(nn.Module):
         if H != Dh:  # upstream only has these projections when the widths differ
             self.diff_proj = nn.Sequential(nn.Linear(H, Dh), nn.GELU(), nn.Linear(Dh, Dh))
             self.time_embed_proj = nn.Linear(Dh, H)
-        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(config.head)
-                                              for _ in range(config.num_diffusion_layers))
+        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(config.head, i)
+                                              for i in range(config.num_diffusion_layers))
         self.diffusion_head_b = FinalLayer(Dh, p * p * C)
         self.register_buffer("head_inv_freq", llama3_inv_freq(config.head), persistent=False)
 
@@ -272,21 +276,23 @@ class Showo2(nn.Module):
         return self.showo.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 use_cache=False).last_hidden_state
 
-    def flow_head(self, hidden, temb, modality_positions, attention_mask):
-        """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C) at every position.
+    def head_rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-head RoPE for position_ids (B, L) -> cos, sin (B, 1, L, hd) (positions are sequence indices, as the
+        LLM's)."""
+        freqs = position_ids[..., None].float() * self.head_inv_freq.float()  # (B, L, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
-        modality_positions (B, 1, 2): the span [offset, offset + length) that adaLN modulates.
+    def flow_head(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
+        """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C).
+
+        in_span (B, L, 1) bool marks the image span that adaLN modulates; position_ids (B, L); attention_mask
+        additive (B, 1, L, Lk); cache (optional) holds the keys/values of earlier positions per head layer.
         """
-        B, L, _ = hidden.shape
         x = self.diff_proj(hidden) if hasattr(self, "diff_proj") else hidden  # (B, L, Dh)
-        pos = torch.arange(L, device=hidden.device)
-        offset, length = modality_positions[:, 0, 0, None], modality_positions[:, 0, 1, None]  # (B, 1)
-        in_span = ((pos >= offset) & (pos < offset + length))[..., None]  # (B, L, 1)
-        freqs = pos[:, None].float() * self.head_inv_freq[None, :].float()  # (L, hd/2), RoPE positions 0..L-1
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (L, hd)
+        cos, sin = self.head_rope(position_ids, x.dtype)
         for block in self.diffusion_head_a:
-            x = block(x, temb, in_span, cos, sin, attention_mask)
+            x = block(x, temb, in_span, cos, sin, attention_mask, cache)
         return self.diffusion_head_b(x, temb, in_span)
 
     def read_velocity(self, head_out: torch.Tensor, image_offsets: torch.Tensor) -> torch.Tensor:
@@ -312,4 +318,9 @@ class Showo2(nn.Module):
         temb, time_token = self.time_embedding(t)
         embeds = self.assemble_embeddings(input_ids, image_offsets, time_token, self.embed_image(latents))
         hidden = self.llm_hidden(embeds, attention_mask)
-        return self.read_velocity(self.flow_head(hidden, temb, modality_positions, attention_mask), image_offsets)
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device)
+        offset, length = modality_positions[:, 0, 0, None], modality_positions[:, 0, 1, None]  # (B, 1)
+        in_span = ((pos >= offset) & (pos < offset + length))[..., None]  # (B, L, 1)
+        head_out = self.flow_head(hidden, temb, in_span, pos[None], attention_mask)
+        return self.read_velocity(head_out, image_offsets)

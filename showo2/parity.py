@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from showo2.layouts import Sequences, t2i_sequences, vqa_sequence
 from showo2.loading import VAE_FILE, load_showo2
-from showo2.modeling import additive_mask, omni_attention_mask
-from showo2.t2i import full_sequence_velocity_fn, generate_latents
+from showo2.modeling import omni_attention_mask
+from showo2.prefix_cache import PrefixCachedVelocity
+from showo2.t2i import generate_latents
 from showo2.tokenizer import SpecialTokens
 from showo2.vae import load_vae
-from showo2.vqa import greedy_answer, prompt_logits
+from showo2.vqa import greedy_answers, prompt_logits
 
 
 @dataclass
@@ -103,10 +104,10 @@ class _Case:
         return out
 
     def case_t2i_velocity(self):
+        # The production step (cached prefix, image span only); tests compare it with the full-sequence step.
         seqs = self.t2i_sequences()
-        mask = additive_mask(omni_attention_mask(seqs.modality_positions, seqs.input_ids.shape[1]), torch.float32)
-        v = self.model.velocity(seqs.input_ids, seqs.image_offsets, seqs.modality_positions, mask,
-                                self.data["x_t"], self.data["t"]).float()
+        B = seqs.input_ids.shape[0] // 2
+        v = PrefixCachedVelocity(self.model, seqs, use_cfg=True)(self.data["x_t"][:B], self.data["t"][:B]).float()
         v_cond, v_uncond = v.chunk(2)
         g = self.settings["guidance_scale"]
         return {"input_ids": seqs.input_ids, "modality_positions": seqs.modality_positions, "v_cond": v_cond,
@@ -114,7 +115,7 @@ class _Case:
 
     def case_t2i_sample(self):
         seqs = self.t2i_sequences()
-        latent = generate_latents(full_sequence_velocity_fn(self.model, seqs), self.data["noise"],
+        latent = generate_latents(PrefixCachedVelocity(self.model, seqs, use_cfg=True), self.data["noise"],
                                   num_inference_steps=self.settings["num_inference_steps"],
                                   guidance_scale=self.settings["guidance_scale"],
                                   time_shift=self.settings["time_shifting_factor"])
@@ -133,12 +134,13 @@ class _Case:
                             self.model.config.num_image_slots, layout="demo")
         latent = self.vae.encode(self.data["image"])
         logits = prompt_logits(self.model, seqs, latent)
-        generated, step_logits = greedy_answer(self.model, seqs, latent,
-                                               max_new_tokens=self.settings["max_new_tokens"],
-                                               eos_id=self.settings.get("stop_token_id", self.tokens.eos))
+        generated, step_logits = greedy_answers(self.model, [seqs], latent,
+                                                max_new_tokens=self.settings["max_new_tokens"],
+                                                eos_id=self.settings.get("stop_token_id", self.tokens.eos),
+                                                pad_id=self.tokens.pad, return_logits=True)
         return {"input_ids": seqs.input_ids, "modality_positions": seqs.modality_positions, "logits": logits,
-                "logits_last": logits[:, -1], "generated_ids": torch.tensor([generated]),
-                "step_logits": step_logits}
+                "logits_last": logits[:, -1], "generated_ids": torch.tensor(generated),
+                "step_logits": step_logits[0]}
 
 
 @torch.no_grad()

@@ -16,10 +16,11 @@ from showo2.checkpoint import CheckpointError
 from showo2.layouts import VQALayout, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence
 from showo2.loading import VAE_FILE, load_showo2, local_folder
 from showo2.modeling import Showo2
-from showo2.t2i import full_sequence_velocity_fn, generate_latents, seeded_noise
+from showo2.prefix_cache import PrefixCachedVelocity
+from showo2.t2i import generate_latents, seeded_noise
 from showo2.tokenizer import SpecialTokens, load_tokenizer
 from showo2.vae import WanVAE, load_vae
-from showo2.vqa import greedy_answer
+from showo2.vqa import greedy_answers
 
 
 @dataclass
@@ -114,7 +115,8 @@ class Showo2Pipeline:
         noise = seeded_noise(seeds, (self.model.config.image_latent_dim, *self.model.config.latent_size))
 
         # 3. Denoising loop
-        latents = generate_latents(full_sequence_velocity_fn(self.model, seqs), noise.to(self.device),
+        velocity_fn = PrefixCachedVelocity(self.model, seqs, use_cfg=guidance_scale > 0)
+        latents = generate_latents(velocity_fn, noise.to(self.device),
                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    time_shift=time_shift, model_dtype=self.dtype)
         if output_type == "latent":
@@ -172,16 +174,15 @@ class Showo2Pipeline:
         # 2. Encode the images once (posterior mean: reproducible, see design note 6.3)
         latents = self.vae.encode(pixels.to(self.device, self.dtype)).to(self.dtype)  # (B, C, h, w)
 
-        # 3. Prompt + greedy decoding, one question at a time
-        answers = []
-        for i, question in enumerate(questions):
+        # 3. Prompts of any lengths in one batch, prefill + KV-cached greedy decoding
+        rows = []
+        for question in questions:
             text_a, question_ids, role_b = vqa_prompt_ids(self.tokenizer, self.tokens, question, layout)
-            seqs = vqa_sequence(question_ids, text_a, role_b, self.tokens, self.model.config.num_image_slots, layout)
-            seqs = seqs.to(self.device)
-            ids, _ = greedy_answer(self.model, seqs, latents[i:i + 1], max_new_tokens=max_new_tokens,
-                                   eos_id=self.tokens.eos)
-            answers.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-        return answers
+            rows.append(vqa_sequence(question_ids, text_a, role_b, self.tokens, self.model.config.num_image_slots,
+                                     layout))
+        answer_ids = greedy_answers(self.model, rows, latents, max_new_tokens=max_new_tokens,
+                                    eos_id=self.tokens.eos, pad_id=self.tokens.pad)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

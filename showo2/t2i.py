@@ -1,7 +1,8 @@
 """Text-to-image: classifier-free guidance around the flow sampler (upstream inference_t2i.py).
 
 The loop is split at the velocity function, the seam faster step implementations replace: `velocity_fn(x, t)`
-takes the CFG batch latents x (R, C, h, w) and times t (R,) and returns the raw velocities (R, C, h, w).
+takes the B image latents x (B, C, h, w) and times t (B,) and returns the raw velocities of all R sequence rows
+(R, C, h, w): with guidance R = 2B, the cond rows then the uncond rows (which share their image's x and t).
 """
 
 from typing import Callable
@@ -23,7 +24,9 @@ def full_sequence_velocity_fn(model: Showo2, seqs: Sequences) -> VelocityFn:
     mask = additive_mask(omni_attention_mask(seqs.modality_positions, seqs.input_ids.shape[1]), dtype)  # once
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model.velocity(seqs.input_ids, seqs.image_offsets, seqs.modality_positions, mask, x, t)
+        reps = seqs.input_ids.shape[0] // x.shape[0]  # 2 with guidance: the uncond rows repeat the images
+        return model.velocity(seqs.input_ids, seqs.image_offsets, seqs.modality_positions, mask,
+                              x.repeat(reps, 1, 1, 1), t.repeat(reps))
 
     return velocity
 
@@ -33,17 +36,16 @@ def generate_latents(velocity_fn: VelocityFn, noise: torch.Tensor, *, num_infere
                      guidance_scale: float, time_shift: float = 3.0, model_dtype=torch.float32) -> torch.Tensor:
     """Sample latents (B, C, h, w) float32 from noise (B, C, h, w).
 
-    With guidance_scale > 0 the velocity function sees 2B rows (cond rows, then uncond rows, as the sequences were
-    built) and v = v_uncond + g * (v_cond - v_uncond), computed in the model dtype as upstream; with 0, B rows.
+    With guidance_scale > 0 the velocity function returns 2B rows (cond rows, then uncond rows, as the sequences
+    were built) and v = v_uncond + g * (v_cond - v_uncond), computed in the model dtype as upstream; with 0, B rows.
     """
     sampler = FlowEulerSampler(num_inference_steps, time_shift)
     use_cfg = guidance_scale > 0
     # Upstream draws float32 noise and rounds it to the model dtype before sampling in float32.
     x = noise.to(model_dtype).float()
     for i in range(sampler.num_model_calls):
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t = sampler.timesteps[i].expand(x_in.shape[0]).to(x.device)
-        v = velocity_fn(x_in, t)
+        t = sampler.timesteps[i].expand(x.shape[0]).to(x.device)
+        v = velocity_fn(x, t)
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -1,0 +1,112 @@
+"""The exact fast T2I step: text prefix computed once, only the image span per step.
+
+Under the omni mask the positions before the image (bos, prompt, boi) attend causally among themselves and never
+to the image, so their keys/values in every LLM layer and every flow-head layer do not depend on x_t or t: they
+are computed once per batch. Image queries never see the positions after the image (eoi, eos, pads), so those
+are not run at all, and the language head is never run. Per step only the S = 1 + N image-span positions go
+through the LLM and the flow head, attending to [cached prefix | span]. The image path (semantic layers + fusion)
+and the time embedding are computed once for the cond and uncond rows, which share x_t and t.
+
+The step has static shapes and no host syncs: the caches are allocated once, written in place, and the prefix
+length is padded to a multiple of 8 with masked keys, so `torch.compile` can take the step whole.
+
+Shape legend: R rows (2B with CFG), B images, P padded prefix length, S span slots (1 + N), nkv KV heads, hd head dim.
+"""
+
+import torch
+
+from showo2.layouts import Sequences
+from showo2.modeling import Showo2, additive_mask
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+class StaticKVCache:
+    """Preallocated keys/values per layer, (R, nkv, max_len, hd) each; `update` writes at `start` in place.
+
+    Duck-types the transformers cache interface the stock Qwen2 attention calls (`update(k, v, layer_idx)`),
+    so stock decoder layers run unchanged on top of it.
+    """
+
+    def __init__(self, num_layers, rows, num_kv_heads, max_len, head_dim, dtype, device):
+        shape = (rows, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.start = 0  # where the next update writes; everything before it is attended
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        end = self.start + k.shape[2]
+        self.keys[layer_idx][:, :, self.start:end] = k
+        self.values[layer_idx][:, :, self.start:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+class PrefixCachedVelocity:
+    """`velocity_fn(x (B, C, h, w), t (B,)) -> v (R, C, h, w)` for `t2i.generate_latents`, equal to the
+    full-sequence step up to float rounding.
+
+    seqs: the T2I rows (cond rows then uncond rows when `use_cfg`), all with one image of S slots.
+    """
+
+    def __init__(self, model: Showo2, seqs: Sequences, use_cfg: bool):
+        device = model.showo.model.embed_tokens.weight.device
+        dtype = model.showo.model.embed_tokens.weight.dtype
+        seqs = seqs.to(device)
+        self.model, self.use_cfg = model, use_cfg
+        R = seqs.input_ids.shape[0]
+        S = model.config.num_image_slots
+        offsets = seqs.image_offsets  # (R,)
+        P = find_multiple(int(offsets.max()), 8)  # one host sync, at setup only
+        self.prefix_len = P
+
+        llm_cfg, head_cfg = model.showo.config, model.config.head
+        self.llm_cache = StaticKVCache(llm_cfg.num_hidden_layers, R, llm_cfg.num_key_value_heads, P + S,
+                                       llm_cfg.hidden_size // llm_cfg.num_attention_heads, dtype, device)
+        self.head_cache = StaticKVCache(model.config.num_diffusion_layers, R, head_cfg.num_key_value_heads, P + S,
+                                        head_cfg.head_dim, dtype, device)
+
+        # Span queries see the row's real prefix (keys < offset) and the whole span; padded prefix keys are masked.
+        key_pos = torch.arange(P + S, device=device)
+        allowed = (key_pos[None, :] < offsets[:, None]) | (key_pos[None, :] >= P)  # (R, P+S)
+        self.span_mask = additive_mask(allowed[:, None, None, :].expand(R, 1, S, P + S), dtype)
+        self.span_positions = offsets[:, None] + torch.arange(S, device=device)  # (R, S) absolute positions
+        self.in_span = torch.ones(R, S, 1, dtype=torch.bool, device=device)  # every span slot is modulated
+        self.fill_prefix(seqs.input_ids[:, :P])
+
+    @torch.no_grad()
+    def fill_prefix(self, prefix_ids: torch.Tensor) -> None:
+        """Run the prefix (R, P) through the LLM and the flow head once, filling both caches."""
+        model, (R, P) = self.model, prefix_ids.shape
+        pos = torch.arange(P, device=prefix_ids.device)
+        causal = additive_mask((pos[None, :] <= pos[:, None])[None, None].expand(R, 1, P, P), self.span_mask.dtype)
+        position_ids = pos[None].expand(R, P)
+        self.llm_cache.start = self.head_cache.start = 0
+        hidden = self.run_llm(model.showo.model.embed_tokens(prefix_ids), position_ids, causal)
+        # Prefix positions are outside the image span: the head blocks are plain pre-norm blocks there (temb unused).
+        temb = torch.zeros(R, model.config.head.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        no_span = torch.zeros(R, P, 1, dtype=torch.bool, device=hidden.device)
+        model.flow_head(hidden, temb, no_span, position_ids, causal, self.head_cache)
+        self.llm_cache.start = self.head_cache.start = P  # from now on every update writes the span
+
+    def run_llm(self, embeds, position_ids, mask):
+        """Stock Qwen2 decoder layers over embeds (R, L, H) with the static cache -> final-normed hidden."""
+        llm = self.model.showo.model
+        position_embeddings = llm.rotary_emb(embeds, position_ids)
+        h = embeds
+        for layer in llm.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, cache=self.llm_cache,
+                      position_embeddings=position_embeddings)
+        return llm.norm(h)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        temb, time_token = model.time_embedding(t)  # (B, Dh), (B, H)
+        span = torch.cat([time_token[:, None], model.embed_image(x)], dim=1)  # (B, S, H)
+        if self.use_cfg:  # cond and uncond rows share x_t and t: the image path runs once
+            span, temb = torch.cat([span, span]), torch.cat([temb, temb])  # (R, S, H), (R, Dh)
+        hidden = self.run_llm(span, self.span_positions, self.span_mask)  # (R, S, H)
+        head_out = model.flow_head(hidden, temb, self.in_span, self.span_positions, self.span_mask, self.head_cache)
+        return model.read_velocity(head_out, torch.zeros_like(self.span_positions[:, 0]))
