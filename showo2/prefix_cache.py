@@ -53,13 +53,12 @@ class PrefixCachedVelocity:
     def __init__(self, model: Showo2, seqs: Sequences, use_cfg: bool):
         device = model.showo.model.embed_tokens.weight.device
         dtype = model.showo.model.embed_tokens.weight.dtype
+        P = find_multiple(int(seqs.image_offsets.max()), 8)  # read on the host before the move: no device sync
         seqs = seqs.to(device)
-        self.model, self.use_cfg = model, use_cfg
+        self.model, self.use_cfg, self.prefix_len = model, use_cfg, P
         R = seqs.input_ids.shape[0]
         S = model.config.num_image_slots
         offsets = seqs.image_offsets  # (R,)
-        P = find_multiple(int(offsets.max()), 8)  # one host sync, at setup only
-        self.prefix_len = P
 
         llm_cfg, head_cfg = model.showo.config, model.config.head
         self.llm_cache = StaticKVCache(llm_cfg.num_hidden_layers, R, llm_cfg.num_key_value_heads, P + S,
