@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--t2i-batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--vqa-batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the T2I step (fullgraph)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), torch.bfloat16
 
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
     tokens = QWEN2_5 if args.model != "tiny" else SpecialTokens.from_layout(config.llm_vocab_size - 26)
     probe = matmul_probe_tflops(device, dtype)
     result = dict(model=args.model, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  dtype="bfloat16", steps=args.steps, matmul_probe_tflops=round(probe, 1), t2i=[], vqa=[])
+                  dtype="bfloat16", steps=args.steps, compile=args.compile, matmul_probe_tflops=round(probe, 1), t2i=[], vqa=[])
 
     for batch in args.t2i_batches:
         seqs = t2i_sequences([[100 + i] * 20 for i in range(batch)], tokens, config.num_image_slots,
@@ -102,7 +103,9 @@ def main(argv=None) -> None:
 
         def generate():
             with torch.no_grad():
-                latents = generate_latents(PrefixCachedVelocity(model, seqs, use_cfg=True), noise,
+                step = PrefixCachedVelocity(model, seqs, use_cfg=True)
+                velocity_fn = torch.compile(step.__call__, fullgraph=True) if args.compile else step
+                latents = generate_latents(velocity_fn, noise,
                                            num_inference_steps=args.steps, guidance_scale=args.guidance,
                                            model_dtype=dtype)
                 return vae.decode(latents.to(dtype))

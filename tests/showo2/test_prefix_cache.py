@@ -82,3 +82,14 @@ def test_cached_step_in_bfloat16_tracks_float32(make_tiny_model):
         low = PrefixCachedVelocity(model_bf16, seqs, use_cfg=True)(x, t).float()
     rel_rms = ((low - ref).pow(2).mean() / ref.pow(2).mean()).sqrt()
     assert low.dtype == torch.float32 and rel_rms < 0.05, rel_rms
+
+
+def test_step_compiles_whole_and_matches(make_tiny_model):
+    # The hot path must stay one graph (no host syncs, static shapes): fullgraph=True fails on any graph break.
+    model = make_tiny_model(seed=7)
+    prompts, x, t = tiny_batch(model, [5, 12])
+    step = PrefixCachedVelocity(model, t2i_sequences(prompts, TOKENS, model.config.num_image_slots, 40), True)
+    compiled = torch.compile(step.__call__, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), step(x, t), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(x * 0.3, t.flip(0)), step(x * 0.3, t.flip(0)), atol=1e-5, rtol=1e-5)
