@@ -1,0 +1,77 @@
+"""Shared fixtures: the golden reference set (tiny-a), writable copies of it, and seeded tiny Show-o2 models."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "..", "shared", "golden", "tiny-a")
+GOLDEN_MISSING_REASON = (f"golden reference set not found at {GOLDEN!r} (needs cases.json, cases.safetensors and "
+                         f"checkpoint/; set FLASHU_GOLDEN to the tiny-a folder)")
+
+
+def golden_available() -> bool:
+    return all(os.path.exists(os.path.join(GOLDEN, p)) for p in ("cases.json", "cases.safetensors", "checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> str:
+    if not golden_available():
+        pytest.skip(GOLDEN_MISSING_REASON)
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_meta(golden_dir) -> dict:
+    with open(os.path.join(golden_dir, "cases.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def golden_data(golden_dir) -> dict:
+    """All golden tensors by full name (`<case>.<tensor>`). Treat as read-only."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(golden_dir, "cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_specs(golden_meta) -> dict:
+    """Tensor spec (role, compare, atol, rtol, ...) by full tensor name."""
+    return {name: spec for case in golden_meta["cases"].values() for name, spec in case["tensors"].items()}
+
+
+def _writable_copy(src: str, dst: str, ignore=None) -> str:
+    """copytree that leaves a writable tree (the golden set is read-only and copytree keeps modes)."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile, ignore=ignore)
+    for root, dirs, files in os.walk(dst):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return dst
+
+
+@pytest.fixture
+def writable_copy():
+    """writable_copy(src, dst, ignore=None) -> dst: a copy of a (read-only) folder that tests may modify."""
+    return _writable_copy
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """make_tiny_model(seed=0, **config_overrides) -> a seeded random Showo2 of the "tiny" preset, eval mode."""
+    import dataclasses
+
+    from showo2.config import Showo2Config
+    from showo2.modeling import Showo2
+
+    def make(seed: int = 0, llm_overrides: dict | None = None, **overrides):
+        base = Showo2Config.from_name("tiny")
+        config = dataclasses.replace(base, llm={**base.llm, **(llm_overrides or {})}, **overrides)
+        torch.manual_seed(seed)
+        return Showo2(config).eval().requires_grad_(False)
+
+    return make
