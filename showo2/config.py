@@ -150,15 +150,14 @@ class Showo2Config:
 
 def _resolve_config(folder: str, ref: str, key: str) -> dict:
     """A sub-config referenced by `ref`: a folder relative to the checkpoint, an absolute folder, or a known hub id."""
-    for candidate in (os.path.join(folder, ref), ref):
-        config_file = os.path.join(candidate, "config.json")
-        if ref and os.path.isfile(config_file):
-            with open(config_file) as f:
-                return json.load(f)
+    config_file = os.path.join(folder, ref, "config.json")  # an absolute ref stays absolute
+    if ref and os.path.isfile(config_file):
+        with open(config_file) as f:
+            return json.load(f)
     if ref in KNOWN_CONFIGS:
         return dict(KNOWN_CONFIGS[ref])
     raise ValueError(
-        f"config.json {key} = {ref!r}: no folder with a config.json at {os.path.join(folder, ref)!r} or {ref!r}, "
+        f"config.json {key} = {ref!r}: no folder with a config.json at {os.path.join(folder, ref)!r}, "
         f"and not a known hub id ({sorted(KNOWN_CONFIGS)}). Put the config in a folder and point {key} at it.")
 
 

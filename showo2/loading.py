@@ -62,8 +62,13 @@ def load_showo2(path: str, dtype: torch.dtype = torch.float32, device: str | tor
     tied = config.llm.get("tie_word_embeddings", False)
     if tied:
         # A tied head may be stored once (safetensors dedupes shared tensors) or twice (torch.save keeps both).
-        if "showo.lm_head.weight" not in state and "showo.model.embed_tokens.weight" in state:
-            state["showo.lm_head.weight"] = state["showo.model.embed_tokens.weight"]
+        head, embed = state.get("showo.lm_head.weight"), state.get("showo.model.embed_tokens.weight")
+        if head is None and embed is not None:
+            state["showo.lm_head.weight"] = embed
+        elif head is not None and embed is not None and not torch.equal(head, embed):
+            raise CheckpointError(f"Weights in {source}: showo.lm_head.weight differs from "
+                                  f"showo.model.embed_tokens.weight, but the LLM config ties them "
+                                  f"(tie_word_embeddings: true). Untie the config or fix the checkpoint.")
     load_strict(model, state, source)
     if tied:
         model.showo.lm_head.weight = model.showo.model.embed_tokens.weight

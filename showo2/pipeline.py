@@ -5,6 +5,7 @@ never a shape error from inside torch), and runs the task loops of `t2i` and `vq
 """
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -101,18 +102,21 @@ class Showo2Pipeline:
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (0 disables guidance), "
                              f"got {guidance_scale!r}.")
+        if not isinstance(time_shift, (int, float)) or not math.isfinite(time_shift) or time_shift <= 0:
+            raise ValueError(f"time_shift must be a finite number > 0, got {time_shift!r}.")
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}.")
         max_seq_len = max_seq_len or self.model.config.default_max_seq_len
         prompt_ids = self.encode_prompts(prompts, max_seq_len, truncate)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts) or not all(isinstance(s, int) for s in seeds):
+        if len(seeds) != len(prompts) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                 for s in seeds):
             raise ValueError(f"seeds must be {len(prompts)} integers (one per prompt), got {seeds!r}.")
 
         # 2. Build the CFG sequences and the initial noise
         seqs = t2i_sequences(prompt_ids, self.tokens, self.model.config.num_image_slots, max_seq_len,
                              with_uncond=guidance_scale > 0)
-        noise = seeded_noise(seeds, (self.model.config.image_latent_dim, *self.model.config.latent_size))
+        noise = seeded_noise([int(s) for s in seeds], (self.model.config.image_latent_dim, *self.model.config.latent_size))
 
         # 3. Denoising loop
         velocity_fn = PrefixCachedVelocity(self.model, seqs, use_cfg=guidance_scale > 0)

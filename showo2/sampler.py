@@ -5,6 +5,8 @@ then takes S - 1 steps x <- x + (t[i+1] - t[i]) * v(x, t[i]), with the state in 
 grid and the update, never the network (as diffusers' schedulers).
 """
 
+import math
+
 import torch
 
 
@@ -13,7 +15,7 @@ class FlowEulerSampler:
         if num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be at least 2 (S grid points, S - 1 model calls), "
                              f"got {num_inference_steps}.")
-        if time_shift <= 0:
+        if not math.isfinite(time_shift) or time_shift <= 0:
             raise ValueError(f"time_shift must be positive, got {time_shift}.")
         t = torch.linspace(0, 1, num_inference_steps)  # float32, as upstream
         self.timesteps = t / (t + time_shift - time_shift * t)  # (S,)

@@ -256,9 +256,6 @@ def test_round_trip_tied_head(make_tiny_model, tmp_path):
     assert torch.equal(loaded.showo.lm_head.weight, tied.showo.model.embed_tokens.weight)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG showo2/loading.py load_showo2: with tie_word_embeddings the stored "
-                   "showo.lm_head.weight is silently replaced by embed_tokens even when the two differ (e.g. an untied "
-                   "checkpoint under a tied config); a strict loader should raise CheckpointError")
 def test_tied_config_rejects_different_head(make_tiny_model, tmp_path):
     tied = make_tiny_model(seed=6, llm_overrides={"tie_word_embeddings": True})
     folder = str(tmp_path / "ckpt")

@@ -287,8 +287,6 @@ def test_text_to_image_validation(no_model_work, kwargs, param):
         assert "truncate" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG showo2/pipeline.py text_to_image: time_shift is not validated up front; "
-                   "PrefixCachedVelocity runs the prefix through the model first, and NaN / inf pass everywhere")
 @pytest.mark.parametrize("time_shift", [0.0, -1.0, math.nan, math.inf])
 def test_time_shift_validation(no_model_work, time_shift):
     with pytest.raises(ValueError, match="time_shift"):
