@@ -58,8 +58,8 @@ def run(repeats: int = 3, batch: int = 4, steps: int = 10, answer_tokens: int = 
     def t2i_official():
         full = full_sequence_velocity_fn(model, seqs)
 
-        def with_logits(x, t):  # upstream also computes logits at every position each step
-            v = full(x, t)
+        def with_logits(x, t, step):  # upstream also computes logits at every position each step
+            v = full(x, t, step)
             model.showo.lm_head(torch.zeros(*seqs.input_ids.shape, c.hidden_size))
             return v
 

@@ -44,7 +44,7 @@ class StaticKVCache:
 
 
 class PrefixCachedVelocity:
-    """`velocity_fn(x (B, C, h, w), t (B,)) -> v (R, C, h, w)` for `t2i.generate_latents`, equal to the
+    """`velocity_fn(x (B, C, h, w), t (B,), step) -> v (R, C, h, w)` for `t2i.generate_latents`, equal to the
     full-sequence step up to float rounding.
 
     seqs: the T2I rows (cond rows then uncond rows when `use_cfg`), all with one image of S slots.
@@ -100,7 +100,7 @@ class PrefixCachedVelocity:
         return llm.norm(h)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         model = self.model
         temb, time_token = model.time_embedding(t)  # (B, Dh), (B, H)
         span = torch.cat([time_token[:, None], model.embed_image(x)], dim=1)  # (B, S, H)

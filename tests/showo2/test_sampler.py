@@ -44,7 +44,7 @@ def test_too_few_steps(bad):
     with pytest.raises(ValueError, match=r"num_inference_steps"):
         FlowEulerSampler(bad)
     with pytest.raises(ValueError, match=r"num_inference_steps"):
-        generate_latents(lambda x, t: x, torch.zeros(1, 2, 2, 2), num_inference_steps=bad, guidance_scale=1.0)
+        generate_latents(lambda x, t, step: x, torch.zeros(1, 2, 2, 2), num_inference_steps=bad, guidance_scale=1.0)
 
 
 @pytest.mark.parametrize("shift", [0.0, -2.0])
@@ -81,7 +81,8 @@ class Recorder:
     def __init__(self, a: torch.Tensor, b: torch.Tensor | None):
         self.a, self.b, self.calls = a, b, []
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, step):
+        assert step == len(self.calls)  # the 0-based model-call index
         self.calls.append((x.clone(), t.clone()))
         return self.a.clone() if self.b is None else torch.cat([self.a, self.b])
 
@@ -126,7 +127,7 @@ def test_cfg_linear_ode_against_slow_euler():
     noise = torch.randn(B, 5, 3, 3, generator=g)
     c = torch.randn(B, 5, 3, 3, generator=g)
 
-    def velocity_fn(x, t):
+    def velocity_fn(x, t, step):
         assert x.shape[0] == B and t.shape == (B,)
         return torch.cat([-x + c * (1 + t[:, None, None, None]), 0.5 * x])  # cond rows, then uncond rows
 
@@ -148,8 +149,8 @@ def test_cfg_linear_ode_against_slow_euler():
 
 def test_noise_rounded_to_model_dtype():
     noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(4))
-    zero = lambda x, t: torch.zeros_like(torch.cat([x, x]))  # noqa: E731
+    zero = lambda x, t, step: torch.zeros_like(torch.cat([x, x]))  # noqa: E731
     out = generate_latents(zero, noise, num_inference_steps=3, guidance_scale=2.0, model_dtype=torch.bfloat16)
     assert out.dtype == torch.float32 and torch.equal(out, noise.bfloat16().float())
-    out32 = generate_latents(lambda x, t: torch.zeros_like(x), noise, num_inference_steps=3, guidance_scale=0.0)
+    out32 = generate_latents(lambda x, t, step: torch.zeros_like(x), noise, num_inference_steps=3, guidance_scale=0.0)
     assert torch.equal(out32, noise)
