@@ -16,6 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
+from flashu.config import FlashUGenerationConfig
+from flashu.generation import GenerationSpecialist, pruned_widths
 from showo2.config import Showo2Config
 from showo2.layouts import t2i_sequences, vqa_sequence
 from showo2.modeling import Showo2, additive_mask, omni_attention_mask
@@ -42,7 +44,8 @@ def build(model_name: str) -> tuple[Showo2, WanVAE]:
     return model, vae
 
 
-def t2i_flops(model_name: str, batch: int = 1, num_inference_steps: int = 50, prompt_tokens: int = 20) -> dict:
+def t2i_flops(model_name: str, batch: int = 1, num_inference_steps: int = 50, prompt_tokens: int = 20,
+              flashu: FlashUGenerationConfig | None = None) -> dict:
     model, vae = build(model_name)
     c = model.config
     calls = num_inference_steps - 1
@@ -65,12 +68,25 @@ def t2i_flops(model_name: str, batch: int = 1, num_inference_steps: int = 50, pr
     vae_decode = count_tflop(lambda: vae.decode(torch.empty(batch, c.image_latent_dim, *c.latent_size, device=META)))
     official = official_per_call * calls / batch
     baseline = (setup + per_call * calls) / batch
+
+    # FlashU: the specialist's own step count and plan; prefix refills and recalculation calls are counted too.
+    flashu = flashu or FlashUGenerationConfig()
+    specialist = GenerationSpecialist(model, pruned_widths(model, flashu), flashu)
+
+    def flashu_run():
+        velocity_fn = specialist.velocity_fn(seqs, use_cfg=True)
+        for i in range(flashu.num_model_calls):
+            velocity_fn(x, t, i)
+
+    flashu_total = count_tflop(flashu_run) / batch
     return dict(task="t2i", model=model_name, batch=batch, num_inference_steps=num_inference_steps,
                 model_calls=calls, prompt_tokens=prompt_tokens,
                 official_tflop_per_call=round(official_per_call, 3), baseline_tflop_per_call=round(per_call, 3),
                 baseline_setup_tflop=round(setup, 3),
                 official_tflop_per_image=round(official, 2), baseline_tflop_per_image=round(baseline, 2),
                 baseline_over_official=round(baseline / official, 4),
+                flashu_tflop_per_image=round(flashu_total, 2), flashu_model_calls=flashu.num_model_calls,
+                ratio=round(flashu_total / baseline, 4), flashu_over_official=round(flashu_total / official, 4),
                 vae_decode_tflop_per_image=round(vae_decode / batch, 3))
 
 
@@ -127,7 +143,9 @@ def main(argv=None) -> None:
     if args.task == "t2i":
         result = t2i_flops(args.model, args.batch, args.steps, args.prompt_tokens)
         print(f"T2I {args.model}: official {result['official_tflop_per_image']} TFLOP/image, "
-              f"baseline {result['baseline_tflop_per_image']} ({result['baseline_over_official']:.1%})")
+              f"baseline {result['baseline_tflop_per_image']} ({result['baseline_over_official']:.1%}), "
+              f"FlashU {result['flashu_tflop_per_image']} ({result['ratio']:.1%} of the baseline, "
+              f"{result['flashu_over_official']:.1%} of the official)")
     else:
         result = vqa_flops(args.model, args.question_tokens, args.answer_tokens)
         print(f"VQA {args.model}: official {result['official_tflop_per_answer']} TFLOP/answer, "

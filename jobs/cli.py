@@ -22,6 +22,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_specialize(args) -> int:
+    from jobs.specialize import run_specialize
+
+    result = run_specialize(args.task, args.checkpoint, args.out, args.config, args.calibration_prompts,
+                            args.tokenizer, args.dtype, args.device)
+    print(f"specialized for {args.task} in {result['seconds']}s -> {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from flashu.plan import format_plan, generation_plan
+    from jobs.specialize import read_config
+
+    print(format_plan(generation_plan(read_config(args.config))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashu-batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,12 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="checkpoint folder or s3:// prefix (default: a small model built into ./out/model)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("specialize", help="calibrate a FlashU task specialist once and save it as an artifact")
+    p.add_argument("--task", choices=["t2i", "vqa"], required=True)
+    p.add_argument("--checkpoint", required=True, help="Show-o2 checkpoint folder or s3:// prefix")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--config", help="JSON file of FlashU knobs (default: the paper's defaults)")
+    p.add_argument("--calibration-prompts", help="text file, one prompt per line (default: 20 built-in prompts)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint folder)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_specialize)
+
+    p = sub.add_parser("plan", help="print the per-call FlashU schedule of a config")
+    p.add_argument("--task", choices=["t2i"], default="t2i")
+    p.add_argument("--config", help="JSON file of FlashU knobs (default: the paper's defaults)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input (specs, configs, checkpoints): one clear line, no traceback
+        print(f"flashu-batch {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

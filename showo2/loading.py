@@ -39,14 +39,30 @@ def local_folder(path: str) -> str:
     return path
 
 
-def read_model_weights(folder: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, file name used) of the Show-o2 weights in `folder`."""
+def weight_files(folder: str) -> list[str]:
+    """The files holding the Show-o2 weights in `folder`: one file, or an index and the shards it lists."""
+    import json
+
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            state = read_sharded_state_dict(path) if name.endswith(".index.json") else read_state_dict(path)
-            return state, path
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"Could not read shard index {path!r}: {e}") from e
+        return [path] + [os.path.join(folder, shard) for shard in shards]
     raise CheckpointError(f"No Show-o2 weights in {folder!r}: expected one of {list(WEIGHT_FILES)}.")
+
+
+def read_model_weights(folder: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, file name used) of the Show-o2 weights in `folder`."""
+    path = weight_files(folder)[0]
+    state = read_sharded_state_dict(path) if path.endswith(".index.json") else read_state_dict(path)
+    return state, path
 
 
 def load_showo2(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Showo2:

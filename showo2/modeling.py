@@ -283,8 +283,8 @@ class Showo2(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def flow_head(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
-        """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C).
+    def head_blocks(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
+        """diff_proj + the modulated flow-head blocks: LLM hidden (B, L, H) -> block outputs (B, L, Dh).
 
         in_span (B, L, 1) bool marks the image span that adaLN modulates; position_ids (B, L); attention_mask
         additive (B, 1, L, Lk); cache (optional) holds the keys/values of earlier positions per head layer.
@@ -293,6 +293,11 @@ class Showo2(nn.Module):
         cos, sin = self.head_rope(position_ids, x.dtype)
         for block in self.diffusion_head_a:
             x = block(x, temb, in_span, cos, sin, attention_mask, cache)
+        return x
+
+    def flow_head(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
+        """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C); arguments as `head_blocks`."""
+        x = self.head_blocks(hidden, temb, in_span, position_ids, attention_mask, cache)
         return self.diffusion_head_b(x, temb, in_span)
 
     def read_velocity(self, head_out: torch.Tensor, image_offsets: torch.Tensor) -> torch.Tensor:

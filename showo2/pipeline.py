@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -89,19 +90,27 @@ class Showo2Pipeline:
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], *, seeds: list[int] | None = None, num_inference_steps: int = 50,
-                      guidance_scale: float = 7.5, time_shift: float = 3.0, max_seq_len: int | None = None,
-                      truncate: bool = False, output_type: str = "pil"):
+                      guidance_scale: float | list[float] = 7.5, time_shift: float = 3.0,
+                      max_seq_len: int | None = None, truncate: bool = False, output_type: str = "pil",
+                      velocity_factory=None):
         """Generate one image per prompt.
 
         seeds: one per prompt (default 0, 1, ...); a row's image depends only on its prompt and seed.
+        guidance_scale: a constant, or one value per model call (num_inference_steps - 1).
         output_type: "pil" (list of PIL images), "pt" (B, 3, H, W) float in [-1, 1], or "latent" (B, C, h, w).
+        velocity_factory: `(sequences, use_cfg) -> velocity_fn` replacing the exact prefix-cached step (this is
+        where a FlashU specialist plugs in; see flashu/generation.py).
         """
         # 1. Check inputs. Raise error if not correct
         if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (0 disables guidance), "
-                             f"got {guidance_scale!r}.")
+        is_schedule = isinstance(guidance_scale, (list, tuple))
+        scales = list(guidance_scale) if is_schedule else [guidance_scale]
+        if not all(isinstance(g, (int, float)) and math.isfinite(g) and g >= 0 for g in scales) or \
+                (is_schedule and len(scales) != num_inference_steps - 1):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (0 disables guidance), or one such "
+                             f"number per model call ({num_inference_steps - 1}), got {guidance_scale!r}.")
+        use_cfg = any(g > 0 for g in scales)
         if not isinstance(time_shift, (int, float)) or not math.isfinite(time_shift) or time_shift <= 0:
             raise ValueError(f"time_shift must be a finite number > 0, got {time_shift!r}.")
         if output_type not in ("pil", "pt", "latent"):
@@ -115,11 +124,11 @@ class Showo2Pipeline:
 
         # 2. Build the CFG sequences and the initial noise
         seqs = t2i_sequences(prompt_ids, self.tokens, self.model.config.num_image_slots, max_seq_len,
-                             with_uncond=guidance_scale > 0)
+                             with_uncond=use_cfg)
         noise = seeded_noise([int(s) for s in seeds], (self.model.config.image_latent_dim, *self.model.config.latent_size))
 
         # 3. Denoising loop
-        velocity_fn = PrefixCachedVelocity(self.model, seqs, use_cfg=guidance_scale > 0)
+        velocity_fn = (velocity_factory or partial(PrefixCachedVelocity, self.model))(seqs, use_cfg)
         latents = generate_latents(velocity_fn, noise.to(self.device),
                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    time_shift=time_shift, model_dtype=self.dtype)

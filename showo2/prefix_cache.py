@@ -72,7 +72,8 @@ class PrefixCachedVelocity:
         self.span_mask = additive_mask(allowed[:, None, None, :].expand(R, 1, S, P + S), dtype)
         self.span_positions = offsets[:, None] + torch.arange(S, device=device)  # (R, S) absolute positions
         self.in_span = torch.ones(R, S, 1, dtype=torch.bool, device=device)  # every span slot is modulated
-        self.fill_prefix(seqs.input_ids[:, :P])
+        self.prefix_ids = seqs.input_ids[:, :P]
+        self.fill_prefix(self.prefix_ids)
 
     @torch.no_grad()
     def fill_prefix(self, prefix_ids: torch.Tensor) -> None:
@@ -86,7 +87,7 @@ class PrefixCachedVelocity:
         # Prefix positions are outside the image span: the head blocks are plain pre-norm blocks there (temb unused).
         temb = torch.zeros(R, model.config.head.hidden_size, dtype=hidden.dtype, device=hidden.device)
         no_span = torch.zeros(R, P, 1, dtype=torch.bool, device=hidden.device)
-        model.flow_head(hidden, temb, no_span, position_ids, causal, self.head_cache)
+        model.head_blocks(hidden, temb, no_span, position_ids, causal, self.head_cache)
         self.llm_cache.start = self.head_cache.start = P  # from now on every update writes the span
 
     def run_llm(self, embeds, position_ids, mask):

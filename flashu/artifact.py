@@ -1,0 +1,86 @@
+"""Specialization artifacts: calibrate once, then any worker loads base checkpoint + artifact with no calibration.
+
+An artifact folder holds, per task, `flashu_<task>.json` (format, task, config, kept widths, calibration
+metadata, the base checkpoint's fingerprint) and `flashu_<task>.safetensors` (each LLM layer's FFN neuron order,
+most important first). Loading refuses an artifact made for another checkpoint: neuron orders only make sense
+for the weights they were computed on.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flashu.config import FlashUGenerationConfig
+from flashu.ffn_prune import reorder_ffn_
+from flashu.generation import GenerationSpecialist, pruned_widths
+from showo2.checkpoint import CheckpointError
+from showo2.loading import load_showo2, local_folder, weight_files
+
+FORMAT = "flashu-specialization/1"
+_CONFIG_FILES = ("config.json", "llm/config.json", "siglip/config.json")
+
+
+def checkpoint_fingerprint(folder: str) -> str:
+    """sha256 over the checkpoint's configs and weight files (names and bytes)."""
+    digest = hashlib.sha256()
+    paths = [os.path.join(folder, name) for name in _CONFIG_FILES] + weight_files(folder)
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        digest.update(os.path.relpath(path, folder).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_generation_artifact(out_dir: str, orders: list[torch.Tensor], specialist: GenerationSpecialist,
+                             fingerprint: str, calibration: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({f"layers.{i}.ffn_order": o.to(torch.int64).contiguous().cpu() for i, o in enumerate(orders)},
+              os.path.join(out_dir, "flashu_t2i.safetensors"))
+    meta = dict(format=FORMAT, task="t2i", checkpoint_sha256=fingerprint,
+                config=specialist.config.model_dump(mode="json"), ffn_widths=list(specialist.ffn_widths),
+                calibration={**calibration, "created_unix": int(time.time())})
+    with open(os.path.join(out_dir, "flashu_t2i.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_generation_artifact(artifact_dir: str) -> tuple[dict, list[torch.Tensor]]:
+    meta_path = os.path.join(artifact_dir, "flashu_t2i.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read the FlashU artifact {meta_path!r}: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("task") != "t2i":
+        raise CheckpointError(f"{meta_path!r} is not a {FORMAT} text-to-image artifact "
+                              f"(format {meta.get('format')!r}, task {meta.get('task')!r}).")
+    tensors = load_file(os.path.join(artifact_dir, "flashu_t2i.safetensors"))
+    orders = [tensors[f"layers.{i}.ffn_order"] for i in range(len(tensors))]
+    return meta, orders
+
+
+def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.float32, device="cpu",
+                               config: FlashUGenerationConfig | None = None) -> GenerationSpecialist:
+    """Base weights + artifact -> the specialist (no calibration). `config` overrides the saved knobs (pruning
+    ratio and width multiple may change freely: the neuron order serves any width)."""
+    folder = local_folder(checkpoint)
+    meta, orders = read_generation_artifact(artifact_dir)
+    fingerprint = checkpoint_fingerprint(folder)
+    if meta["checkpoint_sha256"] != fingerprint:
+        raise CheckpointError(f"The FlashU artifact in {artifact_dir!r} was made for checkpoint "
+                              f"{meta['checkpoint_sha256'][:12]}..., not for {checkpoint!r} "
+                              f"({fingerprint[:12]}...). Run `flashu-batch specialize` on this checkpoint.")
+    model = load_showo2(folder, dtype=dtype, device=device)
+    layers = model.showo.model.layers
+    if len(orders) != len(layers) or any(len(o) != layer.mlp.down_proj.in_features
+                                         for o, layer in zip(orders, layers)):
+        raise CheckpointError(f"The FlashU artifact in {artifact_dir!r} does not fit the model's FFN shapes.")
+    reorder_ffn_(model, orders)
+    config = config or FlashUGenerationConfig(**meta["config"])
+    return GenerationSpecialist(model, pruned_widths(model, config), config)
