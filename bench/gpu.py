@@ -5,7 +5,8 @@
     python -m bench.gpu --model tiny --device cpu --steps 3 --t2i-batches 1 2 --vqa-batches 1 2   # smoke run
 
 Reports, as the last printed line, one JSON object: T2I images/s at each batch (prefix-cached step, 50 steps,
-guidance on, VAE decode included), VQA answers/s at each batch (image encode + prefill + 16 greedy tokens), peak
+guidance on, VAE decode included; and the FlashU generation specialist at its defaults, 34 model calls; random
+weights, so its neuron order is arbitrary, which changes no cost), VQA answers/s at each batch (image encode + prefill + 16 greedy tokens), peak
 memory, and achieved TFLOP/s (FLOPs counted by bench.flops on the meta device) against a bf16 matmul probe run in
 the same process. Needs only torch, transformers, safetensors (no ray, boto3 or pydantic).
 """
@@ -17,6 +18,8 @@ import time
 import torch
 
 from bench.flops import MODELS, t2i_flops, vqa_flops
+from flashu.config import FlashUGenerationConfig
+from flashu.generation import GenerationSpecialist, pruned_widths
 from showo2.config import Showo2Config
 from showo2.layouts import t2i_sequences, vqa_sequence
 from showo2.modeling import Showo2
@@ -81,6 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--t2i-batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--vqa-batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--compile", action="store_true", help="torch.compile the T2I step (fullgraph)")
+    parser.add_argument("--no-flashu", action="store_true", help="skip the FlashU T2I timings")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), torch.bfloat16
 
@@ -92,9 +96,11 @@ def main(argv=None) -> None:
     model.init_buffers(device)
     vae = random_init_(vae, device).eval()
     tokens = QWEN2_5 if args.model != "tiny" else SpecialTokens.from_layout(config.llm_vocab_size - 26)
+    flashu = FlashUGenerationConfig()
+    specialist = GenerationSpecialist(model, pruned_widths(model, flashu), flashu)
     probe = matmul_probe_tflops(device, dtype)
     result = dict(model=args.model, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  dtype="bfloat16", steps=args.steps, compile=args.compile, matmul_probe_tflops=round(probe, 1), t2i=[], vqa=[])
+                  dtype="bfloat16", steps=args.steps, compile=args.compile, matmul_probe_tflops=round(probe, 4), t2i=[], vqa=[])
 
     for batch in args.t2i_batches:
         seqs = t2i_sequences([[100 + i] * 20 for i in range(batch)], tokens, config.num_image_slots,
@@ -110,16 +116,30 @@ def main(argv=None) -> None:
                                            model_dtype=dtype)
                 return vae.decode(latents.to(dtype))
 
+        def generate_flashu():
+            with torch.no_grad():
+                latents = generate_latents(specialist.velocity_fn(seqs, use_cfg=True), noise,
+                                           num_inference_steps=flashu.num_inference_steps,
+                                           guidance_scale=specialist.guidance_scales(args.guidance),
+                                           model_dtype=dtype)
+                return vae.decode(latents.to(dtype))
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = timed(generate, device, repeats=1)
-        tflop = t2i_flops(args.model, batch, args.steps)["baseline_tflop_per_image"] * batch
-        result["t2i"].append(dict(batch=batch, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3),
-                                  achieved_tflops=round(tflop / seconds, 1),
-                                  fraction_of_probe=round(tflop / seconds / probe, 3),
-                                  peak_gib=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-                                  if device.type == "cuda" else None))
-        print(json.dumps(result["t2i"][-1]), flush=True)
+        flops = t2i_flops(args.model, batch, args.steps)
+        tflop = flops["baseline_tflop_per_image"] * batch
+        row = dict(batch=batch, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3),
+                   achieved_tflops=round(tflop / seconds, 1), fraction_of_probe=round(tflop / seconds / probe, 3),
+                   peak_gib=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+                   if device.type == "cuda" else None)
+        if not args.no_flashu:
+            flashu_seconds = timed(generate_flashu, device, repeats=1)
+            row.update(flashu_seconds=round(flashu_seconds, 3), flashu_images_per_s=round(batch / flashu_seconds, 3),
+                       flashu_speedup=round(seconds / flashu_seconds, 2),
+                       flashu_achieved_tflops=round(flops["flashu_tflop_per_image"] * batch / flashu_seconds, 1))
+        result["t2i"].append(row)
+        print(json.dumps(row), flush=True)
 
     side = config.latent_size[0] * 8
     for batch in args.vqa_batches:

@@ -44,7 +44,7 @@ def save_generation_artifact(out_dir: str, orders: list[torch.Tensor], specialis
     save_file({f"layers.{i}.ffn_order": o.to(torch.int64).contiguous().cpu() for i, o in enumerate(orders)},
               os.path.join(out_dir, "flashu_t2i.safetensors"))
     meta = dict(format=FORMAT, task="t2i", checkpoint_sha256=fingerprint,
-                config=specialist.config.model_dump(mode="json"), ffn_widths=list(specialist.ffn_widths),
+                config=specialist.config.to_dict(), ffn_widths=list(specialist.ffn_widths),
                 calibration={**calibration, "created_unix": int(time.time())})
     with open(os.path.join(out_dir, "flashu_t2i.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -82,5 +82,5 @@ def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.f
                                          for o, layer in zip(orders, layers)):
         raise CheckpointError(f"The FlashU artifact in {artifact_dir!r} does not fit the model's FFN shapes.")
     reorder_ffn_(model, orders)
-    config = config or FlashUGenerationConfig(**meta["config"])
+    config = config or FlashUGenerationConfig.from_dict(meta["config"])
     return GenerationSpecialist(model, pruned_widths(model, config), config)

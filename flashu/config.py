@@ -1,76 +1,111 @@
-"""FlashU knobs, validated once at the edge (pydantic): every technique can be switched off on its own."""
+"""FlashU knobs: a plain frozen dataclass, one field per technique, each switchable off on its own.
 
+A dataclass rather than a pydantic model so the GPU benchmark machine (no pydantic) can import flashu; every value
+is checked on construction (`__post_init__`, clear ValueErrors naming the field), and `from_dict` is the edge for
+JSON/YAML input: with pydantic installed it also checks types and refuses unknown fields before construction.
+"""
+
+import dataclasses
 import math
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from dataclasses import dataclass
 
 # Paper defaults for Show-o2 1.5B text-to-image (FlashU Table 7; design/flashu.md 2.1-2.7).
 DEFAULT_GUIDANCE_SCHEDULE = ((24, 7.5), (11, 10.0))
 
 
-class FlashUGenerationConfig(BaseModel):
+@dataclass(frozen=True)
+class FlashUGenerationConfig:
     """How a text-to-image specialist runs. Defaults reproduce the paper's 1.5B configuration (34 model calls)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Sampler grid points (model calls = steps - 1). Fewer steps are the largest single saving (35 vs the
+    # official 50: 1.44x) at some loss of detail.
+    num_inference_steps: int = 35
+    # Piecewise-constant guidance as (model calls, scale) phases from the noise end; must cover every call. Low
+    # guidance early keeps diversity, high guidance late adds detail. None (off): the request's constant guidance.
+    guidance_schedule: tuple[tuple[int, float], ...] | None = DEFAULT_GUIDANCE_SCHEDULE
+    # Fraction of each LLM FFN's neurons dropped, least Wanda importance first. 0 = off. Higher is faster and less
+    # faithful.
+    ffn_prune_ratio: float = 0.20
+    # Kept FFN width is rounded down to a multiple of this (tensor-core friendly).
+    ffn_width_multiple: int = 64
+    # Hybrid FFN: the last this-many model calls (the low-noise end) run the full, unpruned network with no layer
+    # skipping and no head cache (the paper's tau = 11 on a 35-step grid is 10 calls). 0 = pruned to the end.
+    full_network_calls: int = 10
+    # Fraction of LLM layers bypassed between recalculations (those whose output is most like their input). 0 = off.
+    layer_skip_ratio: float = 0.20
+    # Model calls between recalculations of the skip list (a recalculation call runs every layer and measures).
+    layer_skip_interval: int = 10
+    # Diffusion-head cache: every this-many calls the flow-head blocks run and their output is stored; the calls in
+    # between reuse it with the current time embedding and skip the image path, the LLM and the blocks. None = off.
+    head_cache_interval: int | None = 5
+    # Wanda calibration: prompts (None: the 20 built-in ones), sampler grid points of each calibration generation
+    # (activations gathered at every call, cond and uncond rows), its guidance scale and seed.
+    calibration_prompts: tuple[str, ...] | None = None
+    calibration_steps: int = 10
+    calibration_guidance: float = 7.5
+    calibration_seed: int = 0
 
-    num_inference_steps: int = Field(
-        35, ge=2, description="Grid points of the flow sampler (model calls = steps - 1). Fewer steps are the "
-                              "largest single saving (35 vs the official 50: 1.44x) at some loss of detail.")
-    guidance_schedule: tuple[tuple[int, float], ...] | None = Field(
-        DEFAULT_GUIDANCE_SCHEDULE,
-        description="Piecewise-constant guidance as (model calls, scale) phases, in order from the noise end; "
-                    "must cover every model call. Low guidance early keeps diversity, high guidance late adds "
-                    "detail. None: the request's own constant guidance scale.")
-    ffn_prune_ratio: float = Field(
-        0.20, ge=0.0, lt=1.0, description="Fraction of each LLM FFN's neurons dropped (least Wanda importance "
-                                           "first). 0 turns pruning off. Higher is faster and less faithful.")
-    ffn_width_multiple: int = Field(
-        64, ge=1, description="Kept FFN width is rounded down to a multiple of this (tensor-core friendly).")
-    full_network_calls: int = Field(
-        10, ge=0, description="Hybrid FFN: the last this-many model calls (the low-noise end) run the full, unpruned "
-                              "network with no layer skipping and no head cache. The paper's tau = 11 on a 35-step "
-                              "grid is 10 calls. 0: pruned to the end.")
-    layer_skip_ratio: float = Field(
-        0.20, ge=0.0, lt=1.0, description="Fraction of LLM layers bypassed between recalculations (those whose "
-                                           "output is most similar to their input). 0 turns skipping off.")
-    layer_skip_interval: int = Field(
-        10, ge=1, description="Model calls between recalculations of the skip list (a recalculation call runs "
-                              "every layer and measures input/output similarity).")
-    head_cache_interval: int | None = Field(
-        5, ge=1, description="Diffusion-head cache: every this-many model calls the flow-head blocks run and their "
-                             "output is stored; the calls in between reuse it with the current time embedding and "
-                             "skip the image path, the LLM and the head blocks. None turns it off.")
-    calibration_prompts: tuple[str, ...] | None = Field(
-        None, description="Prompts for the Wanda calibration; None uses the 20 built-in prompts.")
-    calibration_steps: int = Field(
-        10, ge=2, description="Sampler grid points of each calibration generation (activations are gathered at "
-                              "every model call, cond and uncond rows).")
-    calibration_guidance: float = Field(7.5, ge=0.0, description="Guidance scale of the calibration generations.")
-    calibration_seed: int = Field(0, description="Seed of the calibration noise.")
+    def __post_init__(self):
+        def fail(name, message):
+            raise ValueError(f"FlashUGenerationConfig.{name} = {getattr(self, name)!r}: {message}")
+
+        for name in ("num_inference_steps", "calibration_steps"):
+            if getattr(self, name) < 2:
+                fail(name, "must be >= 2 (grid points; model calls = steps - 1).")
+        for name in ("ffn_prune_ratio", "layer_skip_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1) (0 turns the technique off).")
+        for name in ("ffn_width_multiple", "layer_skip_interval"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1.")
+        if self.head_cache_interval is not None and self.head_cache_interval < 1:
+            fail("head_cache_interval", "must be >= 1, or None to turn the head cache off.")
+        if not 0 <= self.full_network_calls <= self.num_model_calls:
+            fail("full_network_calls", f"must be in [0, {self.num_model_calls}] (the model calls of "
+                                       f"num_inference_steps={self.num_inference_steps}).")
+        if not math.isfinite(self.calibration_guidance) or self.calibration_guidance < 0:
+            fail("calibration_guidance", "must be a finite number >= 0.")
+        if self.guidance_schedule is not None:
+            # JSON gives lists; keep the frozen config hashable and comparable
+            object.__setattr__(self, "guidance_schedule", tuple(tuple(p) for p in self.guidance_schedule))
+            for i, (calls, scale) in enumerate(self.guidance_schedule):
+                if calls < 1 or not math.isfinite(scale) or scale < 0:
+                    fail("guidance_schedule", f"phase {i} = ({calls}, {scale}): the call count must be >= 1 and "
+                                              f"the scale a finite number >= 0.")
+            covered = sum(calls for calls, _ in self.guidance_schedule)
+            if covered < self.num_model_calls:
+                fail("guidance_schedule", f"covers {covered} model calls but num_inference_steps="
+                                          f"{self.num_inference_steps} makes {self.num_model_calls}; lengthen the "
+                                          f"last phase or set it to None.")
+        if self.calibration_prompts is not None:
+            object.__setattr__(self, "calibration_prompts", tuple(self.calibration_prompts))
+            if not self.calibration_prompts:
+                fail("calibration_prompts", "must hold at least one prompt, or be None for the built-in ones.")
 
     @property
     def num_model_calls(self) -> int:
         return self.num_inference_steps - 1
-
-    @model_validator(mode="after")
-    def _check(self) -> "FlashUGenerationConfig":
-        if self.guidance_schedule is not None:
-            for i, (calls, scale) in enumerate(self.guidance_schedule):
-                if calls < 1 or not math.isfinite(scale) or scale < 0:
-                    raise ValueError(f"guidance_schedule phase {i} = ({calls}, {scale}): the call count must be "
-                                     f">= 1 and the scale a finite number >= 0.")
-            covered = sum(calls for calls, _ in self.guidance_schedule)
-            if covered < self.num_model_calls:
-                raise ValueError(f"guidance_schedule covers {covered} model calls but num_inference_steps="
-                                 f"{self.num_inference_steps} makes {self.num_model_calls}; lengthen the last "
-                                 f"phase or set guidance_schedule=None.")
-        if self.full_network_calls > self.num_model_calls:
-            raise ValueError(f"full_network_calls={self.full_network_calls} exceeds the {self.num_model_calls} "
-                             f"model calls of num_inference_steps={self.num_inference_steps}.")
-        return self
 
     @classmethod
     def off(cls, num_inference_steps: int = 50) -> "FlashUGenerationConfig":
         """Every technique off: the specialist then computes exactly what the baseline computes."""
         return cls(num_inference_steps=num_inference_steps, guidance_schedule=None, ffn_prune_ratio=0.0,
                    full_network_calls=0, layer_skip_ratio=0.0, head_cache_interval=None)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "FlashUGenerationConfig":
+        """The edge for spec/JSON input: unknown fields refused; types checked by pydantic where installed."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"A FlashU config must be a mapping of knobs, got {type(raw).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"Unknown FlashU config fields {unknown}; known fields: {sorted(known)}.")
+        try:
+            from pydantic import TypeAdapter
+        except ImportError:  # the GPU benchmark machine: construction still checks every value
+            return cls(**raw)
+        return TypeAdapter(cls).validate_python(raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ def read_config(path: str | None):
     if path is None:
         return FlashUGenerationConfig()
     with open(path) as f:
-        return FlashUGenerationConfig(**json.load(f))
+        return FlashUGenerationConfig.from_dict(json.load(f))
 
 
 def run_specialize(task: str, checkpoint: str, out: str, config_path: str | None = None,
