@@ -60,8 +60,14 @@ def read_generation_artifact(artifact_dir: str) -> tuple[dict, list[torch.Tensor
     if meta.get("format") != FORMAT or meta.get("task") != "t2i":
         raise CheckpointError(f"{meta_path!r} is not a {FORMAT} text-to-image artifact "
                               f"(format {meta.get('format')!r}, task {meta.get('task')!r}).")
-    tensors = load_file(os.path.join(artifact_dir, "flashu_t2i.safetensors"))
-    orders = [tensors[f"layers.{i}.ffn_order"] for i in range(len(tensors))]
+    if not isinstance(meta.get("checkpoint_sha256"), str) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_path!r} lacks checkpoint_sha256 or config.")
+    orders_path = os.path.join(artifact_dir, "flashu_t2i.safetensors")
+    try:
+        tensors = load_file(orders_path)
+        orders = [tensors[f"layers.{i}.ffn_order"] for i in range(len(tensors))]
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # missing, truncated, or keys out of sequence
+        raise CheckpointError(f"Cannot read the neuron orders {orders_path!r}: {e}") from e
     return meta, orders
 
 
@@ -81,6 +87,10 @@ def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.f
     if len(orders) != len(layers) or any(len(o) != layer.mlp.down_proj.in_features
                                          for o, layer in zip(orders, layers)):
         raise CheckpointError(f"The FlashU artifact in {artifact_dir!r} does not fit the model's FFN shapes.")
+    for i, order in enumerate(orders):
+        if not torch.equal(order.sort().values, torch.arange(len(order))):
+            raise CheckpointError(f"The FlashU artifact in {artifact_dir!r}: layers.{i}.ffn_order is not a "
+                                  f"permutation of the neurons.")
     reorder_ffn_(model, orders)
     config = config or FlashUGenerationConfig.from_dict(meta["config"])
     return GenerationSpecialist(model, pruned_widths(model, config), config)

@@ -13,6 +13,21 @@ from dataclasses import dataclass
 DEFAULT_GUIDANCE_SCHEDULE = ((24, 7.5), (11, 10.0))
 
 
+def config_from_dict(cls, raw: dict):
+    """The edge for spec/JSON input: unknown fields refused; types checked by pydantic where installed."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"A {cls.__name__} must be a mapping of knobs, got {type(raw).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}.")
+    try:
+        from pydantic import TypeAdapter
+    except ImportError:  # the GPU benchmark machine: construction still checks every value
+        return cls(**raw)
+    return TypeAdapter(cls).validate_python(raw)
+
+
 @dataclass(frozen=True)
 class FlashUGenerationConfig:
     """How a text-to-image specialist runs. Defaults reproduce the paper's 1.5B configuration (34 model calls)."""
@@ -94,18 +109,52 @@ class FlashUGenerationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "FlashUGenerationConfig":
-        """The edge for spec/JSON input: unknown fields refused; types checked by pydantic where installed."""
-        if not isinstance(raw, dict):
-            raise ValueError(f"A FlashU config must be a mapping of knobs, got {type(raw).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"Unknown FlashU config fields {unknown}; known fields: {sorted(known)}.")
-        try:
-            from pydantic import TypeAdapter
-        except ImportError:  # the GPU benchmark machine: construction still checks every value
-            return cls(**raw)
-        return TypeAdapter(cls).validate_python(raw)
+        return config_from_dict(cls, raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FlashUUnderstandingConfig:
+    """How a VQA specialist runs (the paper publishes no understanding defaults; ours are measured, see README)."""
+
+    # Fraction of each LLM FFN's neurons dropped, by Wanda importance on understanding data (its own neuron order,
+    # not generation's). Single pass: no hybrid phase. 0 = off.
+    ffn_prune_ratio: float = 0.20
+    ffn_width_multiple: int = 64
+    # V-norm token pruning: before LLM layer `token_prune_layer` (0-based), drop this fraction of the image tokens
+    # with the largest value-vector norms; text tokens always stay. 0 = off.
+    token_prune_ratio: float = 0.75
+    token_prune_layer: int = 2
+    # Decode-time layer skipping: bypass this fraction of LLM layers for new tokens, re-measured (last token's
+    # input/output cosine) every `layer_skip_interval` generated tokens. 0 = off.
+    layer_skip_ratio: float = 0.0
+    layer_skip_interval: int = 4
+    # Calibration: number of (image, question) samples built in when no set is given, and their seed.
+    calibration_samples: int = 20
+    calibration_seed: int = 0
+
+    def __post_init__(self):
+        def fail(name, message):
+            raise ValueError(f"FlashUUnderstandingConfig.{name} = {getattr(self, name)!r}: {message}")
+
+        for name in ("ffn_prune_ratio", "token_prune_ratio", "layer_skip_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1) (0 turns the technique off).")
+        for name in ("ffn_width_multiple", "layer_skip_interval", "calibration_samples"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1.")
+        if self.token_prune_layer < 0:
+            fail("token_prune_layer", "must be >= 0 (0-based LLM layer index).")
+
+    @classmethod
+    def off(cls) -> "FlashUUnderstandingConfig":
+        return cls(ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.0)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "FlashUUnderstandingConfig":
+        return config_from_dict(cls, raw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -148,23 +148,27 @@ def calibrate_generation(model: Showo2, prompt_ids: list[list[int]], tokens, con
 
     Each prompt is generated with the exact baseline for `config.calibration_steps` grid points; every model call
     (noisy latents along the model's own trajectory at every t, fusion and time tokens, cond and uncond rows)
-    feeds the down_proj input statistics, accumulated in fp32.
+    feeds the down_proj input statistics, accumulated in fp32. The result does not depend on the batch size.
     """
     if not prompt_ids:
         raise ValueError("calibration needs at least one prompt.")
     c = model.config
     max_seq_len = max_seq_len or c.default_max_seq_len
     device = model.showo.model.embed_tokens.weight.device
-    with record_ffn_inputs(model) as sums:
-        for start in range(0, len(prompt_ids), batch_size):
-            batch = prompt_ids[start:start + batch_size]
-            seqs = t2i_sequences(batch, tokens, c.num_image_slots, max_seq_len)
-            seeds = [config.calibration_seed + start + i for i in range(len(batch))]
-            noise = seeded_noise(seeds, (c.image_latent_dim, *c.latent_size)).to(device)
-            generate_latents(PrefixCachedVelocity(model, seqs, use_cfg=True), noise,
-                             num_inference_steps=config.calibration_steps,
+    sums = None
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        seqs = t2i_sequences(batch, tokens, c.num_image_slots, max_seq_len)
+        seeds = [config.calibration_seed + start + i for i in range(len(batch))]
+        noise = seeded_noise(seeds, (c.image_latent_dim, *c.latent_size)).to(device)
+        # Built outside the recording: the prefix fill pads rows to the batch's longest prompt with placeholder
+        # tokens that never occur in a real sequence; only the per-call image-span activations are recorded.
+        velocity_fn = PrefixCachedVelocity(model, seqs, use_cfg=True)
+        with record_ffn_inputs(model) as batch_sums:
+            generate_latents(velocity_fn, noise, num_inference_steps=config.calibration_steps,
                              guidance_scale=config.calibration_guidance,
                              model_dtype=model.showo.model.embed_tokens.weight.dtype)
+        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
     return wanda_scores(model, sums)
 
 

@@ -47,6 +47,20 @@ def left_pad(rows: list[Sequences], pad_id: int) -> tuple[Sequences, torch.Tenso
     return Sequences(input_ids, offsets, positions), pads
 
 
+def batch_prompts(rows: list[Sequences], pad_id: int, device):
+    """Left-pad one-row prompts into a batch on `device` -> (seqs, pads (B,), real (B, L) bool: key is a real token,
+    position_ids (B, L): RoPE positions as if unpadded, allowed (B, 1, L, L) bool: the omni mask without pads)."""
+    seqs, pads = left_pad(rows, pad_id)
+    seqs, pads = seqs.to(device), pads.to(device)
+    L = seqs.input_ids.shape[1]
+    col = torch.arange(L, device=device)
+    real = col[None, :] >= pads[:, None]
+    position_ids = (col[None, :] - pads[:, None]).clamp(min=0)
+    allowed = omni_attention_mask(seqs.modality_positions, L) & real[:, None, None, :]
+    allowed |= torch.eye(L, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax rows
+    return seqs, pads, real, position_ids, allowed
+
+
 @torch.no_grad()
 def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, *, max_new_tokens: int,
                    eos_id: int, pad_id: int, return_logits: bool = False):
@@ -57,14 +71,8 @@ def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, 
     (B, steps, V) when return_logits (rows that stopped keep receiving steps; their logits are not meaningful).
     """
     device = latents.device
-    seqs, pads = left_pad(rows, pad_id)
-    seqs, pads = seqs.to(device), pads.to(device)
+    seqs, pads, real, position_ids, allowed = batch_prompts(rows, pad_id, device)
     B, L = seqs.input_ids.shape
-    col = torch.arange(L, device=device)
-    real = col[None, :] >= pads[:, None]  # (B, L) key is a real token, not left padding
-    position_ids = (col[None, :] - pads[:, None]).clamp(min=0)  # RoPE positions as if unpadded
-    allowed = omni_attention_mask(seqs.modality_positions, L) & real[:, None, None, :]
-    allowed |= torch.eye(L, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax rows
     embeds = prompt_embeddings(model, seqs, latents)
 
     cache = DynamicCache(config=model.showo.config)

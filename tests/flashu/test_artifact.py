@@ -170,10 +170,6 @@ def test_orders_that_do_not_fit_the_model_are_refused(specialized, tmp_path):
         load_generation_specialist(specialized["folder"], out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG flashu/artifact.py read_generation_artifact/load_generation_specialist "
-                   "validate only the JSON's format and task: a missing or unreadable orders file escapes as a raw "
-                   "FileNotFoundError/SafetensorError, a JSON without checkpoint_sha256 as a KeyError, and an order "
-                   "that is not a permutation (duplicated neurons) is applied silently, corrupting the FFNs")
 @pytest.mark.parametrize("damage", ["missing orders file", "no fingerprint", "not a permutation"])
 def test_other_artifact_damage_is_refused(specialized, tmp_path, damage):
     out = damaged_copy(specialized, tmp_path)
