@@ -16,8 +16,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
-from flashu.config import FlashUGenerationConfig
+from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+from flashu.ffn_prune import kept_width
+from flashu.layer_skip import layers_to_skip
 from flashu.generation import GenerationSpecialist, pruned_widths
+from flashu.understanding import UnderstandingSpecialist
 from showo2.config import Showo2Config
 from showo2.layouts import t2i_sequences, vqa_sequence
 from showo2.modeling import Showo2, additive_mask, omni_attention_mask
@@ -90,7 +93,8 @@ def t2i_flops(model_name: str, batch: int = 1, num_inference_steps: int = 50, pr
                 vae_decode_tflop_per_image=round(vae_decode / batch, 3))
 
 
-def vqa_flops(model_name: str, question_tokens: int = 20, answer_tokens: int = 16) -> dict:
+def vqa_flops(model_name: str, question_tokens: int = 20, answer_tokens: int = 16,
+              flashu: FlashUUnderstandingConfig | None = None) -> dict:
     model, vae = build(model_name)
     c = model.config
     seqs = vqa_sequence([0] * question_tokens, [0] * 14, [0] * 4, QWEN2_5, c.num_image_slots).to(META)
@@ -121,13 +125,41 @@ def vqa_flops(model_name: str, question_tokens: int = 20, answer_tokens: int = 1
                         attention_mask=torch.zeros(1, 1, 1, L + k + 1, device=META, dtype=torch.bfloat16),
                         position_ids=torch.full((1, 1), L + k, device=META))
 
+    flashu = flashu or FlashUUnderstandingConfig()
+    widths = tuple(kept_width(layer.mlp.down_proj.in_features, flashu.ffn_prune_ratio, flashu.ffn_width_multiple)
+                   for layer in model.showo.model.layers)
+    specialist = UnderstandingSpecialist(model, widths, flashu)
+
+    def flashu_answer():  # the specialist's prefill (token pruning at layer K) and its cached decode steps
+        cache = DynamicCache(config=model.showo.config)
+        embeds = torch.empty(1, L, H, device=META, dtype=torch.bfloat16)
+        col = torch.arange(L, device=META)[None]
+        first = seqs.image_offsets[:, None] + 1
+        image = (col >= first) & (col < first + c.num_image_tokens)
+        allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=META)
+        real = torch.ones(1, L, dtype=torch.bool, device=META)
+        _, layer_real, importance = specialist.prefill(embeds, col.expand(1, L), allowed, real, image, cache)
+        skip = layers_to_skip(importance, flashu.layer_skip_ratio)  # the same control flow as greedy_answers
+        for k in range(answer_tokens - 1):
+            model.showo.lm_head(torch.empty(1, H, device=META, dtype=torch.bfloat16))
+            recalc = flashu.layer_skip_ratio > 0 and (k + 1) % flashu.layer_skip_interval == 0
+            _, importance = specialist.decode_step(torch.zeros(1, dtype=torch.long, device=META),
+                                                   torch.full((1,), L + k, device=META), layer_real, k,
+                                                   frozenset() if recalc else skip, cache)
+            if recalc:
+                skip = layers_to_skip(importance, flashu.layer_skip_ratio)
+        model.showo.lm_head(torch.empty(1, H, device=META, dtype=torch.bfloat16))
+
     encode = count_tflop(image_path)
     official = encode + count_tflop(official_answer)
     baseline = encode + count_tflop(baseline_answer)
+    flashu_total = encode + count_tflop(flashu_answer)
     return dict(task="vqa", model=model_name, prompt_tokens=L, question_tokens=question_tokens,
                 answer_tokens=answer_tokens, image_encode_tflop=round(encode, 3),
                 official_tflop_per_answer=round(official, 3), baseline_tflop_per_answer=round(baseline, 3),
-                baseline_over_official=round(baseline / official, 4))
+                baseline_over_official=round(baseline / official, 4),
+                flashu_tflop_per_answer=round(flashu_total, 3), ratio=round(flashu_total / baseline, 4),
+                flashu_over_official=round(flashu_total / official, 4))
 
 
 def main(argv=None) -> None:
@@ -149,7 +181,8 @@ def main(argv=None) -> None:
     else:
         result = vqa_flops(args.model, args.question_tokens, args.answer_tokens)
         print(f"VQA {args.model}: official {result['official_tflop_per_answer']} TFLOP/answer, "
-              f"baseline {result['baseline_tflop_per_answer']} ({result['baseline_over_official']:.1%})")
+              f"baseline {result['baseline_tflop_per_answer']} ({result['baseline_over_official']:.1%}), "
+              f"FlashU {result['flashu_tflop_per_answer']} ({result['ratio']:.1%} of the baseline)")
     print(json.dumps(result))
 
 

@@ -39,22 +39,16 @@ def value_norms(layer, h: torch.Tensor) -> torch.Tensor:
     return layer.self_attn.v_proj(layer.input_layernorm(h)).float().norm(dim=-1)
 
 
-def kept_token_indices(norms: torch.Tensor, image: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (B, L') in increasing order of the tokens kept: every non-image token, and in each row the image
-    tokens without the int(ratio * N) largest value norms. norms (B, L) fp32, image (B, L) bool, N per row equal."""
+def kept_token_indices(norms: torch.Tensor, image: torch.Tensor, drop: int) -> torch.Tensor:
+    """Indices (B, L - drop) in increasing order of the tokens kept: every non-image token, and in each row the
+    image tokens without the `drop` largest value norms. norms (B, L) fp32, image (B, L) bool."""
     B, L = norms.shape
-    num_image = int(image[0].sum()) if image.device.type != "meta" else None
-    drop = int(ratio * (num_image if num_image is not None else _meta_image_count))
-    if drop == 0:
-        return torch.arange(L, device=norms.device).expand(B, L)
-    scores = norms.masked_fill(~image, float("-inf"))  # text never dropped
-    dropped = scores.topk(drop, dim=1).indices  # (B, drop)
     pos = torch.arange(L, device=norms.device).expand(B, L)
+    if drop == 0:
+        return pos
+    dropped = norms.masked_fill(~image, float("-inf")).topk(drop, dim=1).indices  # (B, drop); text never dropped
     order_key = pos.scatter(1, dropped, L)  # dropped positions sort behind every kept one
     return order_key.sort(dim=1).values[:, :L - drop]
-
-
-_meta_image_count = 0  # set by FLOP counting on the meta device, where tensors have no values
 
 
 def single_token_kv(layer, h, position_embeddings, cache):
@@ -94,7 +88,8 @@ class UnderstandingSpecialist:
         mask = additive_mask(allowed, h.dtype)
         for i in range(len(llm.layers)):
             if i == cfg.token_prune_layer and cfg.token_prune_ratio > 0:
-                kept = kept_token_indices(value_norms(llm.layers[i], h), image, cfg.token_prune_ratio)  # (B, L')
+                drop = int(cfg.token_prune_ratio * self.model.config.num_image_tokens)
+                kept = kept_token_indices(value_norms(llm.layers[i], h), image, drop)  # (B, L')
                 h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
                 position_ids, real = position_ids.gather(1, kept), real.gather(1, kept)
                 rows = torch.arange(h.shape[0], device=h.device)[:, None, None]
