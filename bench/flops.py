@@ -17,10 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
-from flashu.ffn_prune import kept_width
 from flashu.layer_skip import layers_to_skip
 from flashu.generation import GenerationSpecialist, pruned_widths
-from flashu.understanding import UnderstandingSpecialist
+from flashu.understanding import UnderstandingSpecialist, understanding_widths
 from showo2.config import Showo2Config
 from showo2.layouts import t2i_sequences, vqa_sequence
 from showo2.modeling import Showo2, additive_mask, omni_attention_mask
@@ -126,9 +125,7 @@ def vqa_flops(model_name: str, question_tokens: int = 20, answer_tokens: int = 1
                         position_ids=torch.full((1, 1), L + k, device=META))
 
     flashu = flashu or FlashUUnderstandingConfig()
-    widths = tuple(kept_width(layer.mlp.down_proj.in_features, flashu.ffn_prune_ratio, flashu.ffn_width_multiple)
-                   for layer in model.showo.model.layers)
-    specialist = UnderstandingSpecialist(model, widths, flashu)
+    specialist = UnderstandingSpecialist(model, understanding_widths(model, flashu), flashu)
 
     def flashu_answer():  # the specialist's prefill (token pruning at layer K) and its cached decode steps
         cache = DynamicCache(config=model.showo.config)

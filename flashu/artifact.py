@@ -14,9 +14,10 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashu.config import FlashUGenerationConfig
+from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu.ffn_prune import reorder_ffn_
 from flashu.generation import GenerationSpecialist, pruned_widths
+from flashu.understanding import UnderstandingSpecialist, understanding_widths
 from showo2.checkpoint import CheckpointError
 from showo2.loading import load_showo2, local_folder, weight_files
 
@@ -38,31 +39,31 @@ def checkpoint_fingerprint(folder: str) -> str:
     return digest.hexdigest()
 
 
-def save_generation_artifact(out_dir: str, orders: list[torch.Tensor], specialist: GenerationSpecialist,
-                             fingerprint: str, calibration: dict) -> None:
+def save_artifact(out_dir: str, task: str, orders: list[torch.Tensor], config, ffn_widths, fingerprint: str,
+                  calibration: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     save_file({f"layers.{i}.ffn_order": o.to(torch.int64).contiguous().cpu() for i, o in enumerate(orders)},
-              os.path.join(out_dir, "flashu_t2i.safetensors"))
-    meta = dict(format=FORMAT, task="t2i", checkpoint_sha256=fingerprint,
-                config=specialist.config.to_dict(), ffn_widths=list(specialist.ffn_widths),
-                calibration={**calibration, "created_unix": int(time.time())})
-    with open(os.path.join(out_dir, "flashu_t2i.json"), "w") as f:
+              os.path.join(out_dir, f"flashu_{task}.safetensors"))
+    meta = dict(format=FORMAT, task=task, checkpoint_sha256=fingerprint, config=config.to_dict(),
+                ffn_widths=list(ffn_widths), calibration={**calibration, "created_unix": int(time.time())})
+    with open(os.path.join(out_dir, f"flashu_{task}.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
 
-def read_generation_artifact(artifact_dir: str) -> tuple[dict, list[torch.Tensor]]:
-    meta_path = os.path.join(artifact_dir, "flashu_t2i.json")
+def read_artifact(artifact_dir: str, task: str) -> tuple[dict, list[torch.Tensor]]:
+    meta_path = os.path.join(artifact_dir, f"flashu_{task}.json")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"Cannot read the FlashU artifact {meta_path!r}: {e}") from e
-    if meta.get("format") != FORMAT or meta.get("task") != "t2i":
-        raise CheckpointError(f"{meta_path!r} is not a {FORMAT} text-to-image artifact "
-                              f"(format {meta.get('format')!r}, task {meta.get('task')!r}).")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("task") != task:
+        raise CheckpointError(f"{meta_path!r} is not a {FORMAT} {task!r} artifact (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, task "
+                              f"{meta.get('task') if isinstance(meta, dict) else None!r}).")
     if not isinstance(meta.get("checkpoint_sha256"), str) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_path!r} lacks checkpoint_sha256 or config.")
-    orders_path = os.path.join(artifact_dir, "flashu_t2i.safetensors")
+    orders_path = os.path.join(artifact_dir, f"flashu_{task}.safetensors")
     try:
         tensors = load_file(orders_path)
         orders = [tensors[f"layers.{i}.ffn_order"] for i in range(len(tensors))]
@@ -71,12 +72,10 @@ def read_generation_artifact(artifact_dir: str) -> tuple[dict, list[torch.Tensor
     return meta, orders
 
 
-def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.float32, device="cpu",
-                               config: FlashUGenerationConfig | None = None) -> GenerationSpecialist:
-    """Base weights + artifact -> the specialist (no calibration). `config` overrides the saved knobs (pruning
-    ratio and width multiple may change freely: the neuron order serves any width)."""
+def load_reordered_model(checkpoint: str, artifact_dir: str, task: str, dtype, device):
+    """Base weights with the artifact's neuron orders applied, after checking the artifact belongs to them."""
     folder = local_folder(checkpoint)
-    meta, orders = read_generation_artifact(artifact_dir)
+    meta, orders = read_artifact(artifact_dir, task)
     fingerprint = checkpoint_fingerprint(folder)
     if meta["checkpoint_sha256"] != fingerprint:
         raise CheckpointError(f"The FlashU artifact in {artifact_dir!r} was made for checkpoint "
@@ -92,5 +91,21 @@ def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.f
             raise CheckpointError(f"The FlashU artifact in {artifact_dir!r}: layers.{i}.ffn_order is not a "
                                   f"permutation of the neurons.")
     reorder_ffn_(model, orders)
+    return model, meta
+
+
+def load_generation_specialist(checkpoint: str, artifact_dir: str, dtype=torch.float32, device="cpu",
+                               config: FlashUGenerationConfig | None = None) -> GenerationSpecialist:
+    """Base weights + artifact -> the T2I specialist (no calibration). `config` overrides the saved knobs (pruning
+    ratio and width multiple may change freely: the neuron order serves any width)."""
+    model, meta = load_reordered_model(checkpoint, artifact_dir, "t2i", dtype, device)
     config = config or FlashUGenerationConfig.from_dict(meta["config"])
     return GenerationSpecialist(model, pruned_widths(model, config), config)
+
+
+def load_understanding_specialist(checkpoint: str, artifact_dir: str, dtype=torch.float32, device="cpu",
+                                  config: FlashUUnderstandingConfig | None = None) -> UnderstandingSpecialist:
+    """Base weights + artifact -> the VQA specialist (no calibration); `config` overrides the saved knobs."""
+    model, meta = load_reordered_model(checkpoint, artifact_dir, "vqa", dtype, device)
+    config = config or FlashUUnderstandingConfig.from_dict(meta["config"])
+    return UnderstandingSpecialist(model, understanding_widths(model, config), config)

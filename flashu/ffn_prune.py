@@ -20,6 +20,11 @@ def kept_width(intermediate_size: int, ratio: float, multiple: int) -> int:
     return max(kept, min(multiple, intermediate_size))
 
 
+def kept_widths(model: Showo2, ratio: float, multiple: int) -> tuple[int, ...]:
+    """`kept_width` of every LLM layer's FFN."""
+    return tuple(kept_width(layer.mlp.down_proj.in_features, ratio, multiple) for layer in model.showo.model.layers)
+
+
 def importance_order(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, neuron indices from most to least important (stable for ties)."""
     return [torch.sort(s.float(), descending=True, stable=True).indices for s in scores]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flashu.config import FlashUGenerationConfig
-from flashu.ffn_prune import decoder_layer, importance_order, kept_width, reorder_ffn_
+from flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
 from flashu.layer_skip import layer_importance, layers_to_skip
 from flashu.plan import CallPlan, generation_plan
 from flashu.wanda import record_ffn_inputs, wanda_scores
@@ -174,8 +174,7 @@ def calibrate_generation(model: Showo2, prompt_ids: list[list[int]], tokens, con
 
 def pruned_widths(model: Showo2, config: FlashUGenerationConfig) -> tuple[int, ...]:
     """Kept FFN width of every LLM layer under the config's pruning ratio."""
-    return tuple(kept_width(layer.mlp.down_proj.in_features, config.ffn_prune_ratio, config.ffn_width_multiple)
-                 for layer in model.showo.model.layers)
+    return kept_widths(model, config.ffn_prune_ratio, config.ffn_width_multiple)
 
 
 def specialize_generation(model: Showo2, scores: list[torch.Tensor],

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from flashu.config import FlashUUnderstandingConfig
-from flashu.ffn_prune import decoder_layer, importance_order, kept_width, reorder_ffn_
+from flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
 from flashu.layer_skip import layers_to_skip
 from flashu.wanda import record_ffn_inputs, wanda_scores
 from showo2.layouts import Sequences
@@ -187,6 +187,8 @@ def specialize_understanding(model: Showo2, scores: list[torch.Tensor],
                              config: FlashUUnderstandingConfig) -> UnderstandingSpecialist:
     """Reorder `model`'s FFN neurons by understanding importance (in place, exact) and return the specialist."""
     reorder_ffn_(model, importance_order(scores))
-    widths = tuple(kept_width(layer.mlp.down_proj.in_features, config.ffn_prune_ratio, config.ffn_width_multiple)
-                   for layer in model.showo.model.layers)
-    return UnderstandingSpecialist(model, widths, config)
+    return UnderstandingSpecialist(model, understanding_widths(model, config), config)
+
+
+def understanding_widths(model: Showo2, config: FlashUUnderstandingConfig) -> tuple[int, ...]:
+    return kept_widths(model, config.ffn_prune_ratio, config.ffn_width_multiple)

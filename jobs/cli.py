@@ -26,7 +26,7 @@ def cmd_specialize(args) -> int:
     from jobs.specialize import run_specialize
 
     result = run_specialize(args.task, args.checkpoint, args.out, args.config, args.calibration_prompts,
-                            args.tokenizer, args.dtype, args.device)
+                            args.tokenizer, args.dtype, args.device, args.vae)
     print(f"specialized for {args.task} in {result['seconds']}s -> {args.out}")
     return 0
 
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="Show-o2 checkpoint folder or s3:// prefix")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--config", help="JSON file of FlashU knobs (default: the paper's defaults)")
-    p.add_argument("--calibration-prompts", help="text file, one prompt per line (default: 20 built-in prompts)")
+    p.add_argument("--calibration-prompts", help="t2i: text file, one prompt per line; vqa: JSON lines "
+                                                 "{\"image\": path, \"question\": text} (default: built-in)")
+    p.add_argument("--vae", help="Wan2.1 VAE file for vqa (default: <checkpoint>/Wan2.1_VAE.pth)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint folder)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")

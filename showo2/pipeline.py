@@ -167,9 +167,10 @@ class Showo2Pipeline:
 
     @torch.no_grad()
     def answer(self, images: list, questions: list[str], *, max_new_tokens: int = 300,
-               layout: VQALayout = "demo") -> list[str]:
+               layout: VQALayout = "demo", decode_fn=None) -> list[str]:
         """Greedy answers, one per (image, question) pair. layout: "demo" (the official inference script) or
-        "training" (the layout the model was trained on); see showo2/layouts.py."""
+        "training" (the layout the model was trained on); see showo2/layouts.py. decode_fn replaces
+        `showo2.vqa.greedy_answers` (same signature; where a FlashU specialist plugs in)."""
         # 1. Check inputs. Raise error if not correct
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list.")
@@ -193,8 +194,8 @@ class Showo2Pipeline:
             text_a, question_ids, role_b = vqa_prompt_ids(self.tokenizer, self.tokens, question, layout)
             rows.append(vqa_sequence(question_ids, text_a, role_b, self.tokens, self.model.config.num_image_slots,
                                      layout))
-        answer_ids = greedy_answers(self.model, rows, latents, max_new_tokens=max_new_tokens,
-                                    eos_id=self.tokens.eos, pad_id=self.tokens.pad)
+        answer_ids = (decode_fn or greedy_answers)(self.model, rows, latents, max_new_tokens=max_new_tokens,
+                                                   eos_id=self.tokens.eos, pad_id=self.tokens.pad)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
 
 

@@ -213,11 +213,18 @@ def test_specialize_command(specialized, tmp_path):
     assert load_generation_specialist(specialized["folder"], out).ffn_widths == (128,) * 3
 
 
-def test_specialize_command_refuses_vqa_clearly(specialized, tmp_path):
+def test_specialize_command_vqa_writes_its_own_artifact(specialized, tmp_path):
     result = cli("specialize", "--task", "vqa", "--checkpoint", specialized["folder"], "--out", str(tmp_path / "o"))
-    assert result.returncode != 0
-    assert "vqa" in result.stderr and "t2i" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "o" / "flashu_vqa.json") as f:
+        meta = json.load(f)
+    assert meta["task"] == "vqa" and meta["checkpoint_sha256"] == checkpoint_fingerprint(specialized["folder"])
+    assert not os.path.exists(tmp_path / "o" / "flashu_t2i.json")  # tasks never share a neuron order
+
+
+def test_specialize_command_refuses_an_unknown_task_clearly(specialized, tmp_path):
+    result = cli("specialize", "--task", "edit", "--checkpoint", specialized["folder"], "--out", str(tmp_path / "o"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "o")
 
 
