@@ -23,8 +23,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_specialize(args) -> int:
-    from jobs.specialize import run_specialize
+    from jobs.specialize import run_report, run_specialize
 
+    if args.report:
+        report = run_report(args.checkpoint, args.report, args.tokenizer, args.vae, args.dtype, args.device)
+        print(f"top-k FFN neurons shared by generation and understanding: {report['mean_overlap']:.1%} on average "
+              f"(two random choices: {report['mean_random_overlap']:.1%}); {args.report}/report.png")
+        return 0
+    if not args.task or not args.out:
+        raise ValueError("specialize needs --task and --out (or --report DIR for the specialization report).")
     result = run_specialize(args.task, args.checkpoint, args.out, args.config, args.calibration_prompts,
                             args.tokenizer, args.dtype, args.device, args.vae)
     print(f"specialized for {args.task} in {result['seconds']}s -> {args.out}")
@@ -54,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("specialize", help="calibrate a FlashU task specialist once and save it as an artifact")
-    p.add_argument("--task", choices=["t2i", "vqa"], required=True)
+    p.add_argument("--task", choices=["t2i", "vqa"])
     p.add_argument("--checkpoint", required=True, help="Show-o2 checkpoint folder or s3:// prefix")
-    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--out", help="artifact folder to write")
+    p.add_argument("--report", metavar="DIR", help="instead: write the parameter-specialization report "
+                                                   "(report.json, report.png) comparing both tasks")
     p.add_argument("--config", help="JSON file of FlashU knobs (default: the paper's defaults)")
     p.add_argument("--calibration-prompts", help="t2i: text file, one prompt per line; vqa: JSON lines "
                                                  "{\"image\": path, \"question\": text} (default: built-in)")

@@ -93,17 +93,15 @@ def calibrate_t2i(folder, config, prompts_path, tokenizer_path, dtype, device):
     return model, calibrate_generation(model, prompt_ids, tokens, config), len(prompts)
 
 
-def calibrate_vqa(folder, config, data_path, tokenizer_path, vae_path, dtype, device):
+def vqa_calibration_set(pipe, config, data_path):
+    """(rows, latents) of the understanding calibration: a JSONL set, or the model's own generations of the
+    built-in prompts asked the built-in questions."""
     import torch
     from PIL import Image
 
     from flashu.generation import CALIBRATION_PROMPTS
-    from flashu.understanding import calibrate_understanding
     from showo2.layouts import vqa_prompt_ids, vqa_sequence
-    from showo2.pipeline import Showo2Pipeline
 
-    pipe = Showo2Pipeline.from_pretrained(folder, dtype=dtype, device=device, vae_path=vae_path,
-                                          tokenizer_path=tokenizer_path)
     if data_path:
         samples = [json.loads(line) for line in read_lines(data_path)]
         base = os.path.dirname(os.path.abspath(data_path))
@@ -113,13 +111,13 @@ def calibrate_vqa(folder, config, data_path, tokenizer_path, vae_path, dtype, de
         except (OSError, KeyError, TypeError) as e:
             raise ValueError(f"{data_path!r}: every line must be {{\"image\": path, \"question\": text}} with a "
                              f"readable image: {e}") from e
-    else:  # the model draws its own calibration images from the built-in prompts
+    else:
         n = config.calibration_samples
         prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(n)]
         images = []
         for i in range(0, n, 4):
-            images += pipe.text_to_image(prompts[i:i + 4], seeds=[config.calibration_seed + i + j for j in
-                                                                  range(len(prompts[i:i + 4]))],
+            chunk = prompts[i:i + 4]
+            images += pipe.text_to_image(chunk, seeds=[config.calibration_seed + i + j for j in range(len(chunk))],
                                          num_inference_steps=10, guidance_scale=7.5, truncate=True)
         questions = [CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)] for i in range(n)]
     pixels = torch.stack([pipe.preprocess_image(im, i) for i, im in enumerate(images)])
@@ -129,4 +127,53 @@ def calibrate_vqa(folder, config, data_path, tokenizer_path, vae_path, dtype, de
     for question in questions:
         text_a, question_ids, role_b = vqa_prompt_ids(pipe.tokenizer, pipe.tokens, question)
         rows.append(vqa_sequence(question_ids, text_a, role_b, pipe.tokens, pipe.model.config.num_image_slots))
+    return rows, latents
+
+
+def calibrate_vqa(folder, config, data_path, tokenizer_path, vae_path, dtype, device):
+    from flashu.understanding import calibrate_understanding
+    from showo2.pipeline import Showo2Pipeline
+
+    pipe = Showo2Pipeline.from_pretrained(folder, dtype=dtype, device=device, vae_path=vae_path,
+                                          tokenizer_path=tokenizer_path)
+    rows, latents = vqa_calibration_set(pipe, config, data_path)
     return pipe.model, calibrate_understanding(pipe.model, rows, latents, pipe.tokens.pad), len(rows)
+
+
+def run_report(checkpoint: str, out: str, tokenizer_path: str | None = None, vae_path: str | None = None,
+               dtype: str = "float32", device: str = "cpu") -> dict:
+    """Write report.json / report.png: generation vs understanding neurons and layers (flashu/report.py)."""
+    import torch
+
+    from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+    from flashu.generation import CALIBRATION_PROMPTS, calibrate_generation
+    from flashu.report import layer_importance_by_hooks, write_report
+    from flashu.understanding import calibrate_understanding
+    from showo2.layouts import t2i_sequences
+    from showo2.loading import local_folder
+    from showo2.pipeline import Showo2Pipeline
+    from showo2.prefix_cache import PrefixCachedVelocity
+    from showo2.t2i import seeded_noise
+    from showo2.vqa import greedy_answers
+
+    folder = local_folder(checkpoint)
+    pipe = Showo2Pipeline.from_pretrained(folder, dtype=getattr(torch, dtype), device=device, vae_path=vae_path,
+                                          tokenizer_path=tokenizer_path)
+    model, c = pipe.model, pipe.model.config
+    gen_config, und_config = FlashUGenerationConfig(), FlashUUnderstandingConfig()
+    prompt_ids = pipe.encode_prompts(list(CALIBRATION_PROMPTS), c.default_max_seq_len, truncate=True)
+    gen_scores = calibrate_generation(model, prompt_ids, pipe.tokens, gen_config)
+    rows, latents = vqa_calibration_set(pipe, und_config, None)
+    und_scores = calibrate_understanding(model, rows, latents, pipe.tokens.pad)
+
+    seqs = t2i_sequences(prompt_ids[:4], pipe.tokens, c.num_image_slots, c.default_max_seq_len)
+    step = PrefixCachedVelocity(model, seqs, use_cfg=True)  # the prefix fill runs here, outside the hooks
+    x = seeded_noise(list(range(4)), (c.image_latent_dim, *c.latent_size)).to(pipe.device) * 0.5
+    with torch.no_grad():
+        gen_importance = layer_importance_by_hooks(model, lambda: step(x, torch.full((4,), 0.5, device=x.device)),
+                                                   last_token_only=False)
+        und_importance = layer_importance_by_hooks(
+            model, lambda: greedy_answers(model, rows[:8], latents[:8], max_new_tokens=1, eos_id=-1,
+                                          pad_id=pipe.tokens.pad), last_token_only=True)
+    return write_report(out, gen_scores, und_scores, gen_importance, und_importance, gen_config.ffn_prune_ratio,
+                        gen_config.ffn_width_multiple, os.path.basename(os.path.normpath(checkpoint)))
