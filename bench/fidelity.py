@@ -1,6 +1,11 @@
-"""How far each FlashU generation technique moves the images from the unaccelerated baseline (same weights).
+"""How far each FlashU technique moves the outputs from the unaccelerated baseline (same weights).
 
-    python -m bench.fidelity [--checkpoint DIR] [--prompts N]
+    python -m bench.fidelity [--task t2i|vqa] [--checkpoint DIR] [--prompts N]
+
+VQA (`--task vqa`): greedy answers of 16 tokens to built-in questions about the model's own generations; per
+technique, position-wise token agreement with the baseline, exact-answer agreement, and the KL divergence
+KL(baseline || FlashU) of the first answer token's distribution (the prefill, where token pruning acts).
+T2I:
 
 Baseline: the exact prefix-cached step, the official 50 steps, constant guidance 10 (the base scale the default
 schedule ends on). Each row turns one technique on (the hybrid full phase of the last 10 calls stays, as in the
@@ -37,12 +42,54 @@ DEFAULT_PROMPTS = ["a red circle on the left", "a blue square at the top", "a gr
                    "a yellow circle and a purple square", "a fox in the snow at sunset", "two red squares"]
 
 
-def run(checkpoint: str | None, num_prompts: int) -> dict:
+def load(checkpoint: str | None) -> tuple[str, Showo2Pipeline]:
     if checkpoint is None:
         from showo2.tiny import build_tiny_checkpoint
 
         checkpoint = build_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"))
-    pipe = Showo2Pipeline.from_pretrained(checkpoint)
+    return checkpoint, Showo2Pipeline.from_pretrained(checkpoint)
+
+
+VQA_ABLATIONS = {
+    "FFN pruning 0.2": dict(ffn_prune_ratio=0.2, token_prune_ratio=0.0, layer_skip_ratio=0.0),
+    "token pruning 0.25": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.25, layer_skip_ratio=0.0),
+    "token pruning 0.5": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.5, layer_skip_ratio=0.0),
+    "token pruning 0.75": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.75, layer_skip_ratio=0.0),
+    "layer skipping 0.2 / 4": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.2),
+    "defaults": {},
+}
+
+
+def run_vqa(checkpoint: str | None, num_samples: int, answer_tokens: int = 16) -> dict:
+    from flashu.config import FlashUUnderstandingConfig
+    from flashu.understanding import UnderstandingSpecialist, calibrate_understanding, understanding_widths
+    from flashu.ffn_prune import importance_order, reorder_ffn_
+    from jobs.specialize import vqa_calibration_set
+    from showo2.vqa import greedy_answers
+
+    checkpoint, pipe = load(checkpoint)
+    model, pad = pipe.model, pipe.tokens.pad
+    rows, latents = vqa_calibration_set(pipe, FlashUUnderstandingConfig(calibration_samples=num_samples), None)
+    reorder_ffn_(model, importance_order(calibrate_understanding(model, rows, latents, pad)))  # exact
+    kwargs = dict(max_new_tokens=answer_tokens, eos_id=-1, pad_id=pad, return_logits=True)
+    base_ids, base_logits = greedy_answers(model, rows, latents, **kwargs)
+    results = {}
+    for name, knobs in VQA_ABLATIONS.items():
+        config = FlashUUnderstandingConfig(**knobs)
+        specialist = UnderstandingSpecialist(model, understanding_widths(model, config), config)
+        ids, logits = specialist.greedy_answers(model, rows, latents, **kwargs)
+        p = base_logits[:, 0].log_softmax(-1)
+        kl = float((p.exp() * (p - logits[:, 0].log_softmax(-1))).sum(-1).mean())
+        agree = sum(a == b for x, y in zip(ids, base_ids) for a, b in zip(x, y)) / sum(len(y) for y in base_ids)
+        results[name] = dict(token_agreement=round(agree, 4),
+                             answer_agreement=round(sum(x == y for x, y in zip(ids, base_ids)) / len(ids), 4),
+                             first_token_kl=round(kl, 5))
+    return dict(checkpoint=os.path.basename(os.path.normpath(checkpoint)), samples=len(rows),
+                answer_tokens=answer_tokens, ablations=results)
+
+
+def run(checkpoint: str | None, num_prompts: int) -> dict:
+    checkpoint, pipe = load(checkpoint)
     model, c = pipe.model, pipe.model.config
     prompts = (DEFAULT_PROMPTS * 4)[:num_prompts]
     prompt_ids = pipe.encode_prompts(prompts, c.default_max_seq_len, truncate=True)
@@ -73,9 +120,18 @@ def run(checkpoint: str | None, num_prompts: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=["t2i", "vqa"], default="t2i")
     parser.add_argument("--checkpoint", help="checkpoint folder with VAE and tokenizer (default: tiny random)")
-    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=6, help="prompts (t2i) or image-question samples (vqa)")
     args = parser.parse_args(argv)
+    if args.task == "vqa":
+        result = run_vqa(args.checkpoint, args.prompts)
+        print(f"{'technique':<26} {'token agree':>11} {'answer agree':>12} {'first-token KL':>14}")
+        for name, row in result["ablations"].items():
+            print(f"{name:<26} {row['token_agreement']:>11} {row['answer_agreement']:>12} "
+                  f"{row['first_token_kl']:>14}")
+        print(json.dumps(result))
+        return
     result = run(args.checkpoint, args.prompts)
     print(f"{'technique':<32} {'calls':>5} {'latent MSE':>11} {'rel MSE':>8} {'PSNR dB':>8}")
     for name, row in result["ablations"].items():

@@ -6,7 +6,8 @@
 
 Reports, as the last printed line, one JSON object: T2I images/s at each batch (prefix-cached step, 50 steps,
 guidance on, VAE decode included; and the FlashU generation specialist at its defaults, 34 model calls; random
-weights, so its neuron order is arbitrary, which changes no cost), VQA answers/s at each batch (image encode + prefill + 16 greedy tokens), peak
+weights, so its neuron order is arbitrary, which changes no cost), VQA answers/s at each batch (image encode +
+prefill + 16 greedy tokens; and the FlashU understanding specialist at its defaults), peak
 memory, and achieved TFLOP/s (FLOPs counted by bench.flops on the meta device) against a bf16 matmul probe run in
 the same process. Needs only torch, transformers, safetensors (no ray, boto3 or pydantic).
 """
@@ -18,8 +19,9 @@ import time
 import torch
 
 from bench.flops import MODELS, t2i_flops, vqa_flops
-from flashu.config import FlashUGenerationConfig
+from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu.generation import GenerationSpecialist, pruned_widths
+from flashu.understanding import UnderstandingSpecialist, understanding_widths
 from showo2.config import Showo2Config
 from showo2.layouts import t2i_sequences, vqa_sequence
 from showo2.modeling import Showo2
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--t2i-batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--vqa-batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--compile", action="store_true", help="torch.compile the T2I step (fullgraph)")
-    parser.add_argument("--no-flashu", action="store_true", help="skip the FlashU T2I timings")
+    parser.add_argument("--no-flashu", action="store_true", help="skip the FlashU timings")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), torch.bfloat16
 
@@ -98,6 +100,8 @@ def main(argv=None) -> None:
     tokens = QWEN2_5 if args.model != "tiny" else SpecialTokens.from_layout(config.llm_vocab_size - 26)
     flashu = FlashUGenerationConfig()
     specialist = GenerationSpecialist(model, pruned_widths(model, flashu), flashu)
+    vqa_flashu = FlashUUnderstandingConfig()
+    vqa_specialist = UnderstandingSpecialist(model, understanding_widths(model, vqa_flashu), vqa_flashu)
     probe = matmul_probe_tflops(device, dtype)
     result = dict(model=args.model, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   dtype="bfloat16", steps=args.steps, compile=args.compile, matmul_probe_tflops=round(probe, 4), t2i=[], vqa=[])
@@ -147,22 +151,27 @@ def main(argv=None) -> None:
                              config.num_image_slots) for i in range(batch)]
         pixels = torch.rand(batch, 3, side, side, device=device, dtype=dtype) * 2 - 1
 
-        def answer():
+        def answer(decode=greedy_answers):
             with torch.no_grad():
                 latents = vae.encode(pixels).to(dtype)
-                return greedy_answers(model, rows, latents, max_new_tokens=args.answer_tokens, eos_id=-1,
-                                      pad_id=tokens.pad)
+                return decode(model, rows, latents, max_new_tokens=args.answer_tokens, eos_id=-1, pad_id=tokens.pad)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = timed(answer, device)
-        tflop = vqa_flops(args.model, 20, args.answer_tokens)["baseline_tflop_per_answer"] * batch
-        result["vqa"].append(dict(batch=batch, seconds=round(seconds, 3), answers_per_s=round(batch / seconds, 2),
-                                  achieved_tflops=round(tflop / seconds, 1),
-                                  fraction_of_probe=round(tflop / seconds / probe, 3),
-                                  peak_gib=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-                                  if device.type == "cuda" else None))
-        print(json.dumps(result["vqa"][-1]), flush=True)
+        flops = vqa_flops(args.model, 20, args.answer_tokens)
+        tflop = flops["baseline_tflop_per_answer"] * batch
+        row = dict(batch=batch, seconds=round(seconds, 3), answers_per_s=round(batch / seconds, 2),
+                   achieved_tflops=round(tflop / seconds, 1), fraction_of_probe=round(tflop / seconds / probe, 3),
+                   peak_gib=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+                   if device.type == "cuda" else None)
+        if not args.no_flashu:
+            flashu_seconds = timed(lambda: answer(vqa_specialist.greedy_answers), device)
+            row.update(flashu_seconds=round(flashu_seconds, 3), flashu_answers_per_s=round(batch / flashu_seconds, 2),
+                       flashu_speedup=round(seconds / flashu_seconds, 2),
+                       flashu_achieved_tflops=round(flops["flashu_tflop_per_answer"] * batch / flashu_seconds, 1))
+        result["vqa"].append(row)
+        print(json.dumps(row), flush=True)
     print(json.dumps(result))
 
 
