@@ -1,0 +1,363 @@
+"""Job specs: one validated, frozen description of a batch job, parsed from YAML or JSON before Ray starts.
+
+A spec names the job (`job_id`, which keys its outputs and makes re-runs resumable), the model (checkpoint, dtype,
+optional FlashU artifact per task), object-storage settings (never credentials: those come only from the standard
+AWS environment) and one or more tasks (t2i | vqa), each with its input, output, parameters and resources.
+
+    spec = load_spec("job.yaml")          # raises SpecError naming every bad field, e.g. "tasks[0].params.steps: ..."
+
+Relative paths in a spec file resolve against the spec file's folder, so a spec and its data move together.
+Past this edge the validated `JobSpec` is passed around, never the raw dict (style rule 11).
+"""
+
+import json
+import os
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_CREDENTIAL_WORDS = ("secret", "access_key", "password", "token", "credential", "session")
+# Columns a task reads; the input's `columns` mapping may rename any of them.
+T2I_COLUMNS = {"id": "row id (optional; derived from the row's content and position when absent)",
+               "prompt": "the text prompt (non-empty string)",
+               "seed": "noise seed (optional integer; see params.seed_policy)"}
+VQA_COLUMNS = {"id": "row id (optional; derived from the row's content and position when absent)",
+               "question": "the question (non-empty string)",
+               "image": "the image: bytes, a datasets Image struct {bytes, path}, or a URI (local path or s3://)"}
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names every bad field and what was wrong with it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_uri(value: str) -> bool:
+    return value.startswith("s3://") or "://" not in value
+
+
+class StorageSpec(_Frozen):
+    """Object-storage client settings. Credentials are never part of a spec: boto3 and pyarrow read them from the
+    standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, profiles, roles)."""
+
+    endpoint_url: str | None = Field(None, description=(
+        "Full S3 endpoint URL (scheme://host:port) of an S3-compatible store (MinIO, SeaweedFS, moto); None uses "
+        "AWS_ENDPOINT_URL or AWS itself. A custom endpoint avoids egress to AWS but must be reachable from every "
+        "Ray node, not just the driver."))
+    region: str | None = Field(None, description=(
+        "S3 region; None uses AWS_REGION / AWS_DEFAULT_REGION, else us-east-1. A wrong region costs a redirect per "
+        "request on AWS; S3-compatible servers usually ignore it."))
+    path_style: bool | None = Field(None, description=(
+        "True: path-style addressing (endpoint/bucket/key), which most self-hosted stores need; False: virtual-host "
+        "style (bucket.endpoint/key), which AWS prefers; None: each client's default."))
+    conditional_put: Literal["auto", "always", "never"] = Field("auto", description=(
+        "Create-only commit records use a conditional PUT (If-None-Match: *). 'auto' tries it and falls back to "
+        "HEAD-then-PUT on a server that refuses it; 'always' fails instead (strict); 'never' skips the attempt (for "
+        "servers that silently ignore the header). The fallback is safe: a commit record's key is derived from the "
+        "ids it commits, so a lost race at worst leaves an orphan data file, never a duplicate row."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        if isinstance(data, dict):
+            bad = sorted(k for k in data if isinstance(k, str) and any(w in k.lower() for w in _CREDENTIAL_WORDS))
+            if bad:  # the value is never echoed: it may be a secret
+                raise ValueError(f"{', '.join(bad)}: credentials are never read from a spec (they would end up in "
+                                 f"logs and version control). Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and "
+                                 f"AWS_SESSION_TOKEN) in the environment of the driver and the Ray workers instead.")
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v):
+        if v is not None and not re.match(r"^https?://[^/\s]+/?$", v):
+            raise ValueError(f"got {v!r}; expected a full URL with scheme and host, such as "
+                             f"'http://127.0.0.1:9000' or 'https://s3.eu-west-1.amazonaws.com' (no path).")
+        return v
+
+
+class SpecializationSpec(_Frozen):
+    t2i: str | None = Field(None, description=(
+        "FlashU generation artifact folder (from `flashu-batch specialize --task t2i`) or None for the exact "
+        "baseline. The specialist is ~2x faster per image but approximates the baseline; its step count and "
+        "guidance schedule come from the artifact."))
+    vqa: str | None = Field(None, description=(
+        "FlashU understanding artifact folder (`flashu-batch specialize --task vqa`) or None for the exact "
+        "baseline. About half the FLOPs per answer, at the cost of answers that may differ from the baseline's."))
+
+
+class ModelSpec(_Frozen):
+    checkpoint: str = Field(..., description=(
+        "Show-o2 checkpoint folder or s3:// prefix. An s3:// prefix is downloaded once per node into $FLASHU_CACHE "
+        "(startup cost once, then local reads); a shared filesystem path skips the copy but every actor reads "
+        "the weights over the network."))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description=(
+        "Weights and activations dtype. bfloat16 halves memory and is the GPU default; float32 is slower but "
+        "bit-reproducible across runs and the right choice on CPU."))
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "Where workers run the model. 'auto' picks cuda when the worker was given a GPU (gpus_per_worker > 0), "
+        "else cpu; 'cpu' with gpus_per_worker > 0 wastes the GPU."))
+    vae_path: str | None = Field(None, description=(
+        "Wan2.1 VAE file; None means <checkpoint>/Wan2.1_VAE.pth. Official releases ship without it."))
+    tokenizer_path: str | None = Field(None, description=(
+        "Qwen2.5 tokenizer folder; None means the checkpoint folder. Official releases ship without it."))
+    specialization: SpecializationSpec = Field(default_factory=SpecializationSpec, description=(
+        "FlashU task-specialist artifact per task; a task without one runs the exact baseline."))
+
+    @field_validator("vae_path", "tokenizer_path")
+    @classmethod
+    def _local_only(cls, v):
+        if v is not None and "://" in v:
+            raise ValueError(f"got {v!r}; this must be a local path. For a checkpoint on S3, put the file inside "
+                             f"the checkpoint prefix (Wan2.1_VAE.pth, tokenizer.json) and leave this unset.")
+        return v
+
+
+class InputSpec(_Frozen):
+    uris: list[str] = Field(..., min_length=1, description=(
+        "Input files or folders (local paths or s3:// prefixes); a folder takes every file with the format's "
+        "extension, sorted. More, smaller files read in parallel; one huge JSONL or CSV file is read by one task."))
+    format: Literal["parquet", "jsonl", "csv"] = Field(..., description=(
+        "parquet (typed columns, images as bytes or {bytes, path} structs, read per row group: the scalable "
+        "choice); jsonl or csv (simple to write; images as URIs; each file is read by one task)."))
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Rename map from the task's column names to the input's, e.g. {prompt: caption, id: key}. Unmapped "
+        "names are read as themselves."))
+
+    @field_validator("uris", mode="before")
+    @classmethod
+    def _one_uri(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("uris")
+    @classmethod
+    def _uris(cls, v):
+        for uri in v:
+            if not uri or not _is_uri(uri):
+                raise ValueError(f"got {uri!r}; expected a local path or an s3://bucket/prefix URI.")
+        return v
+
+
+class T2IParams(_Frozen):
+    steps: int | None = Field(None, ge=2, le=1000, description=(
+        "Flow-matching grid points (model calls = steps - 1). None: 50 (the official setting) for the baseline, "
+        "the artifact's count for a FlashU specialist. Fewer steps are proportionally faster and blurrier."))
+    guidance_scale: float = Field(7.5, ge=0, le=100, description=(
+        "Classifier-free guidance scale; 0 disables guidance and halves the work per step at a large cost in "
+        "prompt adherence. A specialist's guidance schedule overrides it where the schedule sets a value."))
+    seed_policy: Literal["row", "hash"] = Field("row", description=(
+        "'row': a row's own `seed` when given, else a hash of job_id and row id; 'hash': always the hash. Both make "
+        "a re-run reproduce the same image for the same row; 'row' lets callers pin seeds across jobs."))
+    truncate: bool = Field(True, description=(
+        "Cut prompts longer than the sequence holds, as the official code does (True), or return them as error "
+        "rows (False) so no image silently ignores the end of its prompt."))
+
+
+class VQAParams(_Frozen):
+    max_new_tokens: int = Field(64, ge=1, le=4096, description=(
+        "Answer length cap. Decoding cost grows with it and a batch runs until its longest answer ends, so a "
+        "high cap on short-answer questions wastes little, but on open-ended ones sets the batch latency."))
+    layout: Literal["demo", "training"] = Field("demo", description=(
+        "'demo': the prompt layout of the official inference script (matches published answers); 'training': "
+        "the layout the model was trained on."))
+
+
+class ResourcesSpec(_Frozen):
+    workers: int = Field(1, ge=1, le=4096, description=(
+        "Actors in the task's pool, all started up front (each loads the model once: startup cost and memory "
+        "grow with it, throughput too while the input keeps them busy)."))
+    gpus_per_worker: float = Field(1.0, ge=0, le=16, description=(
+        "GPUs per actor. 1 is the usual; a fraction packs several actors on one GPU (more throughput for small "
+        "models, shared memory); 0 runs on CPU (tests, demos)."))
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description=(
+        "Logical CPUs per actor, fractional allowed. Keep the pool's total below the cluster's CPUs: the read, "
+        "validation and write stages need CPUs too, or the job stalls."))
+    batch_size: int = Field(8, ge=1, le=4096, description=(
+        "Rows per model call. Larger batches raise GPU throughput until memory runs out; smaller ones lose "
+        "less work to a failure or timeout and stream results sooner."))
+    batch_timeout_s: float | None = Field(None, gt=0, description=(
+        "Wall-clock limit per batch; rows of a batch past it come back as error rows (T2I stops at the next "
+        "step, VQA finishes in the background). None: no limit. Too tight a limit turns slow batches into errors."))
+
+
+class _TaskBase(_Frozen):
+    name: str | None = Field(None, pattern=_ID_PATTERN, description=(
+        "Output folder name under <output>/<job_id>/; defaults to the kind. Needed only when two tasks share a "
+        "kind. Changing it later starts the task over (ids are tracked per folder)."))
+    input: InputSpec = Field(..., description="Where the rows come from.")
+    output: str = Field(..., description=(
+        "Output root (local path or s3:// prefix); results go to <output>/<job_id>/<name>/. Keep it stable across "
+        "re-runs: committed rows are found there and skipped."))
+    rows_per_file: int = Field(64, ge=1, le=100_000, description=(
+        "Rows per committed Parquet file. More rows make fewer, larger objects (cheaper listing and reading); "
+        "fewer rows commit sooner, so a crash loses less finished work."))
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="The task's actor pool.")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v):
+        if not v or not _is_uri(v):
+            raise ValueError(f"got {v!r}; expected a local path or an s3://bucket/prefix URI.")
+        return v
+
+    @property
+    def task_name(self) -> str:
+        return self.name or self.kind
+
+    def _check_columns(self, known: dict):
+        unknown = sorted(set(self.input.columns) - set(known))
+        if unknown:
+            raise ValueError(f"input.columns maps {unknown}, which a {self.kind} task does not read; "
+                             f"it reads {sorted(known)}.")
+
+
+class T2ITask(_TaskBase):
+    kind: Literal["t2i"] = Field(..., description="Text to image: prompt rows in, PNG rows out.")
+    params: T2IParams = Field(default_factory=T2IParams, description="Generation parameters.")
+
+    @model_validator(mode="after")
+    def _columns(self):
+        self._check_columns(T2I_COLUMNS)
+        return self
+
+
+class VQATask(_TaskBase):
+    kind: Literal["vqa"] = Field(..., description="Visual question answering: image + question rows in, answers out.")
+    params: VQAParams = Field(default_factory=VQAParams, description="Decoding parameters.")
+
+    @model_validator(mode="after")
+    def _columns(self):
+        self._check_columns(VQA_COLUMNS)
+        return self
+
+
+Task = Annotated[Union[T2ITask, VQATask], Field(discriminator="kind")]
+
+
+class JobSpec(_Frozen):
+    job_id: str = Field(..., pattern=_ID_PATTERN, description=(
+        "Names the job's outputs (<output>/<job_id>/...) and its identity for re-runs: the same id resumes and "
+        "skips committed rows; a new id starts over. Letters, digits, '.', '_', '-'."))
+    model: ModelSpec = Field(..., description="The Show-o2 checkpoint and its task specialists.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 client settings (no credentials).")
+    tasks: list[Task] = Field(..., min_length=1, description=(
+        "The tasks, run one after another in this order, each with the whole cluster for its actor pool."))
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [t.task_name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tasks: output names {dupes} repeat; give tasks of the same kind distinct `name`s "
+                             f"(each writes <output>/<job_id>/<name>/).")
+        for i, task in enumerate(self.tasks):
+            if task.kind == "t2i" and self.model.specialization.t2i and task.params.steps is not None:
+                raise ValueError(f"tasks[{i}].params.steps: got {task.params.steps} with a FlashU t2i specialist, "
+                                 f"whose plan fixes the step count; remove steps (the artifact's is used) or drop "
+                                 f"model.specialization.t2i.")
+        return self
+
+    def task(self, name: str):
+        for task in self.tasks:
+            if task.task_name == name:
+                return task
+        raise KeyError(f"no task named {name!r}; tasks: {[t.task_name for t in self.tasks]}")
+
+
+# ---- the edge: files and dicts in, JobSpec or one SpecError out ------------------------------------------------------
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("t2i", "vqa") and out.endswith("]"):
+            continue  # the discriminated union's branch name adds nothing: tasks[0].t2i.params -> tasks[0].params
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "spec"
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc, msg = _loc(e["loc"]), e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            got = e.get("ctx", {}).get("tag")
+            loc, msg = f"{loc}.kind", (f"got {got!r}; " if got is not None else "missing; ") + "expected 't2i' or 'vqa'"
+        elif e["type"] == "extra_forbidden":  # the value is not echoed: a misplaced key may hold a secret
+            msg = "unknown field (not part of the spec; check the spelling and nesting)"
+        elif e["type"] not in ("value_error", "missing") and "input" in e:
+            shown = repr(e["input"])
+            msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
+        lines.append(msg if loc == "spec" and e["type"] == "value_error" else f"{loc}: {msg}")
+    return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+def _resolve(path: str | None, base: str) -> str | None:
+    if path is None or "://" in path or os.path.isabs(path):
+        return path  # URIs are left for the validators to judge
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _resolve_paths(raw: dict, base: str) -> dict:
+    """Relative local paths in a raw spec -> absolute, against `base` (the spec file's folder)."""
+    raw = json.loads(json.dumps(raw))  # a deep copy of plain data
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("checkpoint", "vae_path", "tokenizer_path"):
+            if isinstance(model.get(key), str):
+                model[key] = _resolve(model[key], base)
+        spec = model.get("specialization")
+        if isinstance(spec, dict):
+            for key, value in spec.items():
+                if isinstance(value, str):
+                    spec[key] = _resolve(value, base)
+    for task in raw.get("tasks") or []:
+        if not isinstance(task, dict):
+            continue
+        if isinstance(task.get("output"), str) and task["output"]:
+            task["output"] = _resolve(task["output"], base)
+        inp = task.get("input")
+        if isinstance(inp, dict):
+            uris = inp.get("uris")
+            if isinstance(uris, str) and uris:
+                inp["uris"] = _resolve(uris, base)
+            elif isinstance(uris, list):
+                inp["uris"] = [_resolve(u, base) if isinstance(u, str) and u else u for u in uris]
+    return raw
+
+
+def parse_spec(raw, base_dir: str | None = None) -> JobSpec:
+    """A raw dict (from YAML/JSON) -> JobSpec; relative paths resolve against base_dir (default: the cwd)."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid job spec: expected a mapping at the top level, got {type(raw).__name__}.")
+    try:
+        return JobSpec.model_validate(_resolve_paths(raw, base_dir or os.getcwd()))
+    except ValidationError as e:
+        raise SpecError(_format_errors(e)) from None
+
+
+def load_spec(path: str) -> JobSpec:
+    """Read a YAML (.yaml/.yml) or JSON spec file and validate it; relative paths resolve against its folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"cannot read job spec {path!r}: {e.strerror or e}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's message has the line and column
+        raise SpecError(f"cannot parse job spec {path!r}: {e}") from None
+    return parse_spec(raw, os.path.dirname(os.path.abspath(path)))
