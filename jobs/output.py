@@ -1,0 +1,205 @@
+"""The output contract: Parquet schemas and the write-then-commit protocol that makes every row id appear once.
+
+Layout of one task's output, `<output>/<job_id>/<task>/`:
+
+    data/part-<uuid>.parquet   result rows (schema below); written first, invisible until committed
+    _commits/<key>.json        create-only commit record: {"file", "ids", "rows", "errors", ...}; key = hash of
+                               the sorted ids, so a retried write of the same rows cannot commit twice
+    _SUCCESS                   manifest written by the driver at the end: the committed files, deduplicated by id
+    metrics.json               rows, errors, throughput, seconds of the task
+
+Readers trust `_SUCCESS` when it exists, else the commit records (`read_output`). A data file no record names is
+an orphan (a crash between write and commit, or a retry that lost the commit race) and is never read.
+"""
+
+import hashlib
+import json
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.storage import Storage, join
+
+FORMAT = "flashu-batch-output/1"
+ORPHAN_GRACE_S = 3600.0  # uncommitted data files younger than this may belong to a write still in flight
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image layout
+T2I_SCHEMA = pa.schema([
+    ("id", pa.string()),          # row id (given, or derived from the row's content and position)
+    ("prompt", pa.string()),      # the prompt as read
+    ("seed", pa.int64()),         # the noise seed used (row's own, or hash of job id + row id)
+    ("image", IMAGE_TYPE),        # PNG bytes + "<id>.png"; null on error rows
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("model", pa.string()),       # JSON: checkpoint, dtype, specialist artifact and knobs, steps, guidance
+    ("latency_s", pa.float64()),  # wall seconds of the model call that produced the row (its whole batch)
+    ("error", pa.string()),       # null when the row succeeded, else what went wrong
+])
+VQA_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("question", pa.string()),
+    ("image_path", pa.string()),    # the image's URI or datasets `path` as given (null for bare bytes)
+    ("image_sha256", pa.string()),  # of the image bytes the model saw
+    ("answer", pa.string()),
+    ("num_tokens", pa.int32()),     # generated tokens (the end-of-answer token excluded)
+    ("model", pa.string()),
+    ("latency_s", pa.float64()),
+    ("error", pa.string()),
+])
+SCHEMAS = {"t2i": T2I_SCHEMA, "vqa": VQA_SCHEMA}
+
+
+def task_root(output: str, job_id: str, task_name: str) -> str:
+    return join(output, job_id, task_name)
+
+
+def ids_key(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
+
+
+class TaskOutput:
+    """One task's output folder and its commit protocol."""
+
+    def __init__(self, storage: Storage, root: str):
+        self.storage, self.root = storage, root
+
+    # ---- write side (runs in Ray tasks) ---------------------------------------------------------------------------
+
+    def write_and_commit(self, table: pa.Table, run_id: str = "") -> dict:
+        """Write one data file, then create its commit record. Returns {"file", "rows", "errors", "committed"};
+        committed=False when the same ids were committed before (a retried write): the new file is removed."""
+        ids = table.column("id").to_pylist()
+        assert len(set(ids)) == len(ids) and None not in ids, f"a data file needs unique non-null ids, got {ids[:5]}"
+        rel = f"data/part-{uuid.uuid4().hex}.parquet"
+        fs, path = self.storage.arrow_fs(join(self.root, rel))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        errors = len(ids) - table.column("error").null_count
+        record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, run_id=run_id,
+                      created_unix=time.time())
+        committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids)}.json"),
+                                        json.dumps(record).encode())
+        if not committed:
+            self.storage.delete(join(self.root, rel))
+        return dict(file=rel, rows=len(ids), errors=errors, committed=committed)
+
+    # ---- driver side ----------------------------------------------------------------------------------------------
+
+    def commits(self) -> list[dict]:
+        """Every commit record, each with its own "key"."""
+        listing = [f for f in self.storage.list(join(self.root, "_commits")) if f["uri"].endswith(".json")]
+        records = []
+        for f, data in zip(listing, self.storage.read_many([f["uri"] for f in listing])):
+            record = json.loads(data)
+            record["key"] = f["uri"].rsplit("/", 1)[-1][: -len(".json")]
+            records.append(record)
+        return records
+
+    def committed_ids(self) -> set[str]:
+        return {i for record in self.commits() for i in record["ids"]}
+
+    def manifest(self) -> dict | None:
+        try:
+            return json.loads(self.storage.read_bytes(join(self.root, "_SUCCESS")))
+        except FileNotFoundError:
+            return None
+
+    def finalize(self, job_id: str, task_name: str, kind: str, metrics: dict) -> dict:
+        """Deduplicate the commits by id, write `_SUCCESS` (the manifest) and `metrics.json`, remove superseded
+        and orphaned files. Idempotent: on a clean state it rewrites the same manifest and writes no data file."""
+        # 1. Finish an interrupted earlier finalize: records replaced by a rewrite go away
+        records = self.commits()
+        replaced = {k for r in records for k in r.get("replaces", [])}
+        for r in records:
+            if r["key"] in replaced:
+                self.storage.delete(join(self.root, "_commits", f"{r['key']}.json"))
+        records = [r for r in records if r["key"] not in replaced]
+
+        # 2. A record whose data file is gone cannot be trusted: drop it (its ids run again on the next run)
+        data_files = {f["uri"].split(self.root.rstrip("/") + "/", 1)[-1]: f for f in
+                      self.storage.list(join(self.root, "data"))}
+        missing = [r for r in records if r["file"] not in data_files]
+        for r in missing:
+            self.storage.delete(join(self.root, "_commits", f"{r['key']}.json"))
+        records = [r for r in records if r["file"] in data_files]
+
+        # 3. Each id once: larger files first claim their ids; a file with some ids claimed elsewhere is rewritten
+        #    without them (new file + record that `replaces` the old one), a file with all of them claimed is dropped
+        claimed: set[str] = set()
+        keep, superseded = [], []
+        for r in sorted(records, key=lambda r: (-r["rows"], r["key"])):
+            fresh = [i for i in r["ids"] if i not in claimed]
+            if len(fresh) == len(r["ids"]):
+                keep.append(r)
+            elif fresh:
+                keep.append(self._rewrite(r, set(fresh)))
+                superseded.append(r)
+            else:
+                superseded.append(r)
+            claimed.update(fresh)
+
+        # 4. The manifest, then the metrics, then cleanup (a crash before cleanup is finished by step 1 next time)
+        files = sorted(({"file": r["file"], "rows": r["rows"], "errors": r["errors"]} for r in keep),
+                       key=lambda f: f["file"])
+        manifest = dict(format=FORMAT, job_id=job_id, task=task_name, kind=kind, rows=sum(f["rows"] for f in files),
+                        errors=sum(f["errors"] for f in files), files=files,
+                        schema=[f"{field.name}: {field.type}" for field in SCHEMAS[kind]])
+        self.storage.write_bytes(join(self.root, "_SUCCESS"), json.dumps(manifest, indent=1).encode())
+        metrics = dict(metrics, rows=manifest["rows"], errors=manifest["errors"], files=len(files),
+                       duplicates_removed=sum(len(r["ids"]) for r in records) - manifest["rows"],
+                       missing_files=len(missing))
+        self.storage.write_bytes(join(self.root, "metrics.json"), json.dumps(metrics, indent=1).encode())
+        for r in superseded:
+            self.storage.delete(join(self.root, "_commits", f"{r['key']}.json"))
+        kept_files = {f["file"] for f in files}
+        now = time.time()
+        for rel, f in data_files.items():
+            stale = f["mtime"] is None or now - f["mtime"] > ORPHAN_GRACE_S
+            if rel not in kept_files and (any(rel == r["file"] for r in superseded) or stale):
+                self.storage.delete(f["uri"])
+        return dict(manifest, metrics=metrics)
+
+    def _rewrite(self, record: dict, fresh: set[str]) -> dict:
+        fs, path = self.storage.arrow_fs(join(self.root, record["file"]))
+        table = pq.read_table(path, filesystem=fs)
+        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(fresh), pa.string())))
+        rel = f"data/part-{uuid.uuid4().hex}.parquet"
+        fs, path = self.storage.arrow_fs(join(self.root, rel))
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        ids = table.column("id").to_pylist()
+        new = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=len(ids) - table.column("error").null_count,
+                   run_id="finalize", created_unix=time.time(), replaces=[record["key"]])
+        key = ids_key(ids)
+        self.storage.create(join(self.root, "_commits", f"{key}.json"), json.dumps(new).encode())
+        return dict(new, key=key)
+
+
+def read_output(storage: Storage, root: str) -> pa.Table:
+    """A task's committed rows: the files `_SUCCESS` lists, or (for a job still running or interrupted) the files
+    the commit records name, deduplicated by id. Orphan data files are never read."""
+    out = TaskOutput(storage, root)
+    manifest = out.manifest()
+    if manifest is not None:
+        files = [f["file"] for f in manifest["files"]]
+        kind = manifest["kind"]
+    else:
+        files = sorted({r["file"] for r in out.commits()})
+        kind = None
+    tables = []
+    for rel in files:
+        fs, path = storage.arrow_fs(join(root, rel))
+        tables.append(pq.read_table(path, filesystem=fs))
+    if not tables:
+        return SCHEMAS[kind].empty_table() if kind else pa.table({"id": pa.array([], pa.string())})
+    table = pa.concat_tables(tables)
+    if manifest is None:  # an in-progress read may meet a duplicate that finalize would remove: first one wins
+        seen, keep = set(), []
+        for i, row_id in enumerate(table.column("id").to_pylist()):
+            if row_id not in seen:
+                seen.add(row_id)
+                keep.append(i)
+        table = table.take(pa.array(keep, pa.int64()))
+    return table

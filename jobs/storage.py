@@ -1,0 +1,219 @@
+"""Local paths and s3:// URIs behind one small interface.
+
+Two clients, each for what it does well (system design, "Object storage"):
+- pyarrow's `S3FileSystem` for Parquet and file listings; it takes host:port plus a scheme (`endpoint_override`,
+  `scheme`).
+- boto3 for small objects (commit records, manifests, images by URI); it takes a full endpoint URL and can do a
+  create-only conditional PUT (`If-None-Match: *`).
+
+Credentials never pass through here: both clients read the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles, instance roles), and nothing here logs them. A `Storage` is
+picklable (clients are made lazily in each process), so Ray tasks can carry one.
+"""
+
+import os
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+from jobs.spec import StorageSpec
+
+# Error codes of servers that do not implement conditional writes (as opposed to "the object exists": 412).
+_NO_CONDITIONAL_PUT = {"NotImplemented", "InvalidArgument", "InvalidRequest", "501"}
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Path join for both kinds of URI (s3 keys always use '/')."""
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(uri, *parts)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"Expected an s3://bucket/key URI, got {uri!r}.")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class Storage:
+    def __init__(self, settings: StorageSpec | None = None):
+        self.settings = settings or StorageSpec()
+        self._s3 = None
+        self._arrow_s3 = None
+        self._conditional_put = self.settings.conditional_put != "never"
+
+    def __getstate__(self):  # clients hold sockets and locks: each process makes its own
+        return {"settings": self.settings, "_s3": None, "_arrow_s3": None, "_conditional_put": self._conditional_put}
+
+    # ---- clients -------------------------------------------------------------------------------------------------
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return (self.settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    @property
+    def region(self) -> str:
+        return (self.settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                or "us-east-1")
+
+    def s3_client(self):
+        """boto3 S3 client: full endpoint URL, region, addressing style; credentials from the environment."""
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            style = {None: "auto", True: "path", False: "virtual"}[self.settings.path_style]
+            self._s3 = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                config=Config(s3={"addressing_style": style}, retries={"mode": "standard", "max_attempts": 5}))
+        return self._s3
+
+    def arrow_fs(self, uri: str):
+        """(pyarrow FileSystem, path inside it) for a URI; pyarrow takes host:port and the scheme separately."""
+        import pyarrow.fs as pafs
+
+        if not is_s3(uri):
+            return pafs.LocalFileSystem(), os.path.abspath(uri)
+        if self._arrow_s3 is None:
+            kwargs = dict(region=self.region, allow_delayed_open=True)  # small files: one PUT, no multipart
+            if self.endpoint_url:
+                parsed = urlparse(self.endpoint_url)
+                kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+            if self.settings.path_style is False:
+                kwargs["force_virtual_addressing"] = True
+            self._arrow_s3 = pafs.S3FileSystem(**kwargs)
+        bucket, key = split_s3(uri)
+        return self._arrow_s3, f"{bucket}/{key}"
+
+    # ---- small objects -------------------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The object's bytes; FileNotFoundError when it does not exist."""
+        if not is_s3(uri):
+            with open(uri, "rb") as f:
+                return f.read()
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
+            raise
+
+    def read_many(self, uris: list[str]) -> list[bytes]:
+        """read_bytes for many small objects, 16 at a time (listing-then-reading commit records is I/O bound)."""
+        if len(uris) <= 1:
+            return [self.read_bytes(u) for u in uris]
+        self.s3_client() if any(is_s3(u) for u in uris) else None  # make the client once, before the threads
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(self.read_bytes, uris))
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Create or replace, atomically for readers (local: rename; S3: a PUT is atomic)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, uri)
+
+    def create(self, uri: str, data: bytes) -> bool:
+        """Create-only write: True if this call created the object, False if it already existed.
+
+        Local: the bytes go to a temporary file that is hard-linked to the name (atomic, fails if the name exists).
+        S3: PUT with If-None-Match: * (412 = exists). A server without conditional writes gets HEAD-then-PUT
+        (settings.conditional_put); see StorageSpec.conditional_put for why that is still safe for commits.
+        """
+        if not is_s3(uri):
+            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+            tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, uri)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        if self._conditional_put:
+            try:
+                self.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                code = e.response["Error"]["Code"]
+                status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+                if code == "PreconditionFailed" or status == "412":
+                    return False
+                if code == "ConditionalRequestConflict" or status == "409":  # a concurrent create of the same key
+                    return False if self.exists(uri) else self.create(uri, data)
+                if self.settings.conditional_put == "always" or not ({code, status} & _NO_CONDITIONAL_PUT):
+                    raise
+                print(f"storage: the S3 server refused a conditional PUT ({code}); using HEAD-then-PUT for "
+                      f"create-only writes (storage.conditional_put)", file=sys.stderr)
+                self._conditional_put = False
+        if self.exists(uri):
+            return False
+        self.s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return True
+
+    def exists(self, uri: str) -> bool:
+        if not is_s3(uri):
+            return os.path.exists(uri)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            self.s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def delete(self, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3_client().delete_object(Bucket=bucket, Key=key)
+        elif os.path.exists(uri):
+            os.unlink(uri)
+
+    def list(self, prefix: str) -> list[dict]:
+        """Files under a folder / prefix, recursively: [{"uri", "size", "mtime"}] sorted by uri ([] if none)."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.arrow_fs(prefix)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(path.rstrip("/")):].lstrip("/")
+            out.append({"uri": join(prefix, rel), "size": info.size,
+                        "mtime": info.mtime.timestamp() if info.mtime else None})
+        return sorted(out, key=lambda f: f["uri"])
+
+    def is_file(self, uri: str) -> bool:
+        import pyarrow.fs as pafs
+
+        fs, path = self.arrow_fs(uri)
+        return fs.get_file_info(path).type == pafs.FileType.File

@@ -1,0 +1,74 @@
+"""Shared by the batch-system tests (tests/jobs, tests/workers, tests/scheduler): a real S3 server process
+(moto_server on a free loopback port, one per test session, stopped by its own PID) and small spec builders."""
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+_SERVER: dict = {}
+
+
+def s3_server() -> str:
+    """The endpoint URL of this session's moto_server, started on first use (127.0.0.1 only)."""
+    if "url" in _SERVER:
+        return _SERVER["url"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(_stop, proc.pid)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start on {url} (exit code {proc.poll()})")
+            time.sleep(0.2)
+    # Fake credentials for the fake server, in the environment (never in a spec); Ray workers inherit them.
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    _SERVER.update(url=url, pid=proc.pid, proc=proc)
+    return url
+
+
+def stop_s3_server() -> None:
+    if "pid" in _SERVER:
+        _stop(_SERVER.pop("pid"))
+        _SERVER.pop("proc").wait(timeout=30)
+        _SERVER.clear()
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)  # this server's own PID, nothing found by name
+    except ProcessLookupError:
+        pass
+
+
+def make_bucket(url: str, name: str) -> str:
+    from jobs.spec import StorageSpec
+    from jobs.storage import Storage
+
+    client = Storage(StorageSpec(endpoint_url=url, path_style=True)).s3_client()
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return f"s3://{name}"
+
+
+def spec_dict(job_id: str, checkpoint: str, tasks: list[dict], endpoint: str | None = None) -> dict:
+    """A small CPU job spec: float32 tiny model, one worker, fractional CPUs."""
+    storage = dict(endpoint_url=endpoint, path_style=True) if endpoint else {}
+    for task in tasks:
+        task.setdefault("resources", dict(workers=1, gpus_per_worker=0, cpus_per_worker=0.5, batch_size=2))
+    return dict(job_id=job_id, model=dict(checkpoint=checkpoint, dtype="float32", device="cpu"), storage=storage,
+                tasks=tasks)

@@ -1,0 +1,101 @@
+"""jobs/output.py: write-then-commit, dedupe at finalize, readers trust only committed files (local and S3)."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from batch_testkit import make_bucket
+from jobs.output import T2I_SCHEMA, VQA_SCHEMA, TaskOutput, read_output
+from jobs.spec import StorageSpec
+from jobs.storage import Storage, join
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return TaskOutput(Storage(), str(tmp_path / "job" / "vqa"))
+    url = request.getfixturevalue("s3_endpoint")
+    storage = Storage(StorageSpec(endpoint_url=url, path_style=True))
+    return TaskOutput(storage, join(make_bucket(url, "output-test"), tmp_path.name, "job", "vqa"))
+
+
+def rows(ids, error_ids=()) -> pa.Table:
+    return pa.Table.from_pylist([dict(id=i, question="q", answer=None if i in error_ids else f"a{i}",
+                                      error="bad" if i in error_ids else None) for i in ids], schema=VQA_SCHEMA)
+
+
+def data_files(output) -> list[str]:
+    return [f["uri"] for f in output.storage.list(join(output.root, "data"))]
+
+
+def test_write_commit_finalize_read(output):
+    first = output.write_and_commit(rows(["a", "b"], error_ids={"b"}))
+    assert first["committed"] and first["rows"] == 2 and first["errors"] == 1
+    assert first["file"].startswith("data/part-") and first["file"].endswith(".parquet")
+    output.write_and_commit(rows(["c"]))
+    assert output.committed_ids() == {"a", "b", "c"}
+    assert sorted(read_output(output.storage, output.root).column("id").to_pylist()) == ["a", "b", "c"]
+    summary = output.finalize("job", "vqa", "vqa", {"seconds": 1.0})
+    assert summary["rows"] == 3 and summary["errors"] == 1 and len(summary["files"]) == 2
+    manifest = json.loads(output.storage.read_bytes(join(output.root, "_SUCCESS")))
+    assert manifest["kind"] == "vqa" and "image_sha256: string" in manifest["schema"]
+    metrics = json.loads(output.storage.read_bytes(join(output.root, "metrics.json")))
+    assert metrics["rows"] == 3 and metrics["errors"] == 1 and metrics["seconds"] == 1.0
+    table = read_output(output.storage, output.root)
+    assert table.schema == VQA_SCHEMA and sorted(table.column("id").to_pylist()) == ["a", "b", "c"]
+    before = data_files(output)
+    output.finalize("job", "vqa", "vqa", {})  # idempotent: no data object written or removed
+    assert data_files(output) == before
+
+
+def test_a_retried_write_of_the_same_rows_cannot_commit_twice(output):
+    assert output.write_and_commit(rows(["a", "b"]))["committed"]
+    again = output.write_and_commit(rows(["b", "a"]))
+    assert not again["committed"]
+    assert len(data_files(output)) == 1  # the loser removed its own file
+
+
+def test_finalize_deduplicates_overlapping_commits(output):
+    output.write_and_commit(rows(["a", "b", "c"]))
+    output.write_and_commit(rows(["c", "d"]))  # e.g. a commit that landed after a re-run's snapshot
+    output.write_and_commit(rows(["a"]))       # fully covered: dropped
+    summary = output.finalize("job", "vqa", "vqa", {})
+    assert summary["rows"] == 4 and summary["metrics"]["duplicates_removed"] == 2
+    ids = read_output(output.storage, output.root).column("id").to_pylist()
+    assert sorted(ids) == ["a", "b", "c", "d"]
+    assert len(output.commits()) == 2 and len(data_files(output)) == 2  # superseded files and records removed
+    assert output.finalize("job", "vqa", "vqa", {})["rows"] == 4 and len(data_files(output)) == 2
+
+
+def test_interrupted_rewrite_is_finished_by_the_next_finalize(output):
+    output.write_and_commit(rows(["a", "b", "c"]))
+    output.write_and_commit(rows(["c", "d"]))
+    records = {r["key"]: r for r in output.commits()}
+    smaller = next(r for r in records.values() if r["rows"] == 2)
+    output._rewrite(smaller, {"d"})  # a finalize that crashed right after its rewrite
+    summary = output.finalize("job", "vqa", "vqa", {})
+    assert summary["rows"] == 4
+    assert sorted(read_output(output.storage, output.root).column("id").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_uncommitted_and_missing_files(output):
+    output.write_and_commit(rows(["a"]))
+    orphan = join(output.root, "data", "part-orphan.parquet")
+    fs, path = output.storage.arrow_fs(orphan)
+    import pyarrow.parquet as pq
+    pq.write_table(rows(["zzz"]), path, filesystem=fs)  # written, never committed (a crash before the commit)
+    gone = output.write_and_commit(rows(["b"]))
+    output.storage.delete(join(output.root, gone["file"]))  # a committed file that disappeared
+    with pytest.raises(FileNotFoundError):  # an in-progress read never hides a lost committed file
+        read_output(output.storage, output.root)
+    summary = output.finalize("job", "vqa", "vqa", {})
+    assert summary["rows"] == 1 and summary["metrics"]["missing_files"] == 1
+    assert output.committed_ids() == {"a"}  # "b" must run again
+    assert read_output(output.storage, output.root).column("id").to_pylist() == ["a"]  # the orphan is never read
+
+
+def test_empty_and_t2i_schema(tmp_path):
+    output = TaskOutput(Storage(), str(tmp_path / "t2i"))
+    summary = output.finalize("job", "t2i", "t2i", {})
+    assert summary["rows"] == 0 and read_output(output.storage, output.root).schema == T2I_SCHEMA
