@@ -125,7 +125,8 @@ class Showo2Pipeline:
         # 2. Build the CFG sequences and the initial noise
         seqs = t2i_sequences(prompt_ids, self.tokens, self.model.config.num_image_slots, max_seq_len,
                              with_uncond=use_cfg)
-        noise = seeded_noise([int(s) for s in seeds], (self.model.config.image_latent_dim, *self.model.config.latent_size))
+        c = self.model.config
+        noise = seeded_noise([int(s) for s in seeds], (c.image_latent_dim, *c.latent_size))
 
         # 3. Denoising loop
         velocity_fn = (velocity_factory or partial(PrefixCachedVelocity, self.model))(seqs, use_cfg)
