@@ -72,3 +72,25 @@ def spec_dict(job_id: str, checkpoint: str, tasks: list[dict], endpoint: str | N
         task.setdefault("resources", dict(workers=1, gpus_per_worker=0, cpus_per_worker=0.5, batch_size=2))
     return dict(job_id=job_id, model=dict(checkpoint=checkpoint, dtype="float32", device="cpu"), storage=storage,
                 tasks=tasks)
+
+
+_CHECKPOINT: dict = {}
+
+
+def tiny_checkpoint(root: str) -> str:
+    """One tiny random-weight Show-o2 checkpoint per test session (with tokenizer and VAE)."""
+    if "path" not in _CHECKPOINT:
+        from showo2.tiny import build_tiny_checkpoint
+
+        _CHECKPOINT["path"] = build_tiny_checkpoint(os.path.join(root, "tiny-checkpoint"))
+    return _CHECKPOINT["path"]
+
+
+def png_bytes(color=(255, 0, 0), size=(40, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,91 @@
+"""workers/vqa.py without Ray, and both workers running FlashU specialists from artifacts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from batch_testkit import png_bytes, spec_dict
+from jobs.spec import parse_spec
+from workers import T2IWorker, VQAWorker
+
+
+def make_worker(checkpoint, specialist=None, max_new_tokens=4):
+    task = dict(kind="vqa", input=dict(uris="in.parquet", format="parquet"), output="out",
+                params=dict(max_new_tokens=max_new_tokens))
+    raw = spec_dict("job-v", checkpoint, [task])
+    if specialist:
+        raw["model"]["specialization"] = dict(vqa=specialist)
+    return VQAWorker(parse_spec(raw), "vqa")
+
+
+def batch(ids, questions, images, errors=None) -> dict:
+    n = len(ids)
+    return {"id": np.array(ids, dtype=object), "question": np.array(questions, dtype=object),
+            "image_bytes": np.array(images, dtype=object), "image_path": np.array([f"{i}.png" for i in ids], dtype=object),
+            "image_sha256": np.array(["h"] * n, dtype=object), "error": np.array(errors or [None] * n, dtype=object)}
+
+
+@pytest.fixture(scope="module")
+def worker(checkpoint):
+    return make_worker(checkpoint)
+
+
+def test_answers_token_counts_and_pass_through(worker):
+    out = worker(batch(["a", "b", "c", "d"], ["what color", "what shape is this", "q", "how many"],
+                       [png_bytes(), png_bytes((0, 0, 255), (64, 64)), None, b"not an image"],
+                       errors=[None, None, "image is missing", None]))
+    assert list(out["id"]) == ["a", "b", "c", "d"] and all(len(v) == 4 for v in out.values())
+    for i in (0, 1):
+        assert out["error"][i] is None and isinstance(out["answer"][i], str) and 1 <= out["num_tokens"][i] <= 4
+        assert out["image_path"][i] == f"{out['id'][i]}.png" and out["latency_s"][i] > 0
+    assert out["error"][2] == "image is missing" and out["answer"][2] is None and out["num_tokens"][2] is None
+    assert out["error"][3] == "image could not be decoded (12 bytes): not a recognized image format"
+    settings = json.loads(out["model"][0])
+    assert settings["max_new_tokens"] == 4 and settings["layout"] == "demo" and settings["flashu"] is None
+
+
+def test_answers_do_not_depend_on_the_batch(worker):
+    together = worker(batch(["a", "b"], ["what color", "what shape"], [png_bytes(), png_bytes((0, 255, 0))]))
+    alone = worker(batch(["b"], ["what shape"], [png_bytes((0, 255, 0))]))
+    assert alone["answer"][0] == together["answer"][1]
+
+
+def test_missing_columns_are_named(worker):
+    with pytest.raises(ValueError, match=r"\['image_bytes'\] not found at the input of VQAWorker"):
+        worker({k: v for k, v in batch(["a"], ["q"], [png_bytes()]).items() if k != "image_bytes"})
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoint, tmp_path_factory):
+    """Small FlashU artifacts for both tasks (calibrated on two prompts / two images)."""
+    from jobs.specialize import run_specialize
+
+    root = tmp_path_factory.mktemp("artifacts")
+    (root / "t2i.json").write_text(json.dumps({"num_inference_steps": 5, "guidance_schedule": [[2, 3.0], [2, 5.0]],
+                                               "full_network_calls": 2, "calibration_steps": 2}))
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    run_specialize("t2i", checkpoint, str(root / "t2i"), str(root / "t2i.json"), str(root / "prompts.txt"))
+    (root / "img.png").write_bytes(png_bytes())
+    (root / "vqa.jsonl").write_text("".join(json.dumps({"image": str(root / "img.png"), "question": q}) + "\n"
+                                            for q in ("what color", "what shape")))
+    (root / "vqa.json").write_text(json.dumps({"calibration_samples": 2}))
+    run_specialize("vqa", checkpoint, str(root / "vqa"), str(root / "vqa.json"), str(root / "vqa.jsonl"))
+    return root
+
+
+def test_workers_run_their_specialists(checkpoint, artifacts):
+    t2i = T2IWorker(parse_spec(dict(spec_dict("job-s", checkpoint, [
+        dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output="out")]),
+        model=dict(checkpoint=checkpoint, dtype="float32", device="cpu",
+                   specialization=dict(t2i=str(artifacts / "t2i"))))), "t2i")
+    out = t2i({"id": np.array(["a"], dtype=object), "prompt": np.array(["a red circle"], dtype=object),
+               "seed": np.array([1]), "error": np.array([None], dtype=object)})
+    settings = json.loads(out["model"][0])
+    assert out["error"][0] is None and out["width"][0] == 64
+    assert settings["steps"] == 5 and settings["specialist"] == str(artifacts / "t2i")
+    assert settings["flashu"]["num_inference_steps"] == 5
+    vqa = make_worker(checkpoint, specialist=str(artifacts / "vqa"))
+    out = vqa(batch(["a"], ["what color"], [png_bytes()]))
+    assert out["error"][0] is None and isinstance(out["answer"][0], str)
+    assert json.loads(out["model"][0])["flashu"]["calibration_samples"] == 2

@@ -1,0 +1,97 @@
+"""VQAWorker: image + question rows in, answer rows out (one out for each in; failures come back as error rows)."""
+
+import io
+import time
+
+from jobs.spec import JobSpec
+from jobs.storage import Storage
+from workers.common import (BatchTimeout, DeadlineRunner, decode_error, describe_error, load_pipeline, read_columns,
+                            settings_json, to_batch)
+
+
+class VQAWorker:
+    """A Ray Data actor for visual question answering. `__init__` loads the model once; `__call__(batch) -> batch`.
+
+    Callable without Ray on a dict of numpy arrays, a pandas DataFrame or a pyarrow Table (see INPUT_COLUMNS).
+    """
+
+    INPUT_COLUMNS = {
+        "id": "row id (str)",
+        "question": "the question (str)",
+        "image_bytes": "the encoded image (PNG, JPEG, ... bytes)",
+        "image_path": "where the image came from (str) or null; passed through",
+        "image_sha256": "hash of image_bytes (str) or null; passed through",
+        "error": "null, or why the row already failed (the row is then passed through untouched)",
+    }
+    OUTPUT_COLUMNS = ("id", "question", "image_path", "image_sha256", "answer", "num_tokens", "model", "latency_s",
+                      "error")
+
+    def __init__(self, spec: JobSpec, task_name: str):
+        import torch  # noqa: F401 -- heavy imports live in the actor, not in the driver that pickles this class
+
+        from showo2.vqa import greedy_answers
+
+        task = spec.task(task_name)
+        assert task.kind == "vqa", f"VQAWorker runs vqa tasks, got {task.kind!r} task {task_name!r}"
+        self.params = task.params
+        self.pipe, self.specialist = load_pipeline(spec.model, "vqa", Storage(spec.storage),
+                                                   task.resources.gpus_per_worker)
+        self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"] if self.specialist else greedy_answers
+        self.runner = DeadlineRunner(task.resources.batch_timeout_s)
+        self.settings = settings_json(spec.model, str(self.pipe.device), self.specialist,
+                                      max_new_tokens=self.params.max_new_tokens, layout=self.params.layout)
+
+    def __call__(self, batch):
+        from PIL import Image
+
+        cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__)
+        n = len(cols["id"])
+        out = {k: [None] * n for k in self.OUTPUT_COLUMNS}
+        out.update({k: cols[k] for k in ("id", "question", "image_path", "image_sha256")}, error=list(cols["error"]))
+        images = {}
+        for i in range(n):
+            if out["error"][i] is not None:
+                continue  # failed upstream: passed through without touching the model
+            try:
+                with Image.open(io.BytesIO(cols["image_bytes"][i])) as image:
+                    images[i] = image.convert("RGB")
+            except Exception as e:  # noqa: BLE001 -- the validation stage decodes too; this guards direct callers
+                out["error"][i] = decode_error(cols["image_bytes"][i], e)
+        if images:
+            self.answer(list(images), images, cols["question"], out)
+        return to_batch(out, n, type(self).__name__)
+
+    def answer(self, todo: list[int], images: dict, questions: list, out: dict) -> None:
+        """Answer the rows `todo` as one batch; if the batch fails (not by timeout), one by one."""
+        start = time.perf_counter()
+        try:
+            answers, token_ids = self.runner.run(self.answer_batch, [images[i] for i in todo],
+                                                 [questions[i] for i in todo])
+        except BatchTimeout as e:
+            return self.fail(todo, out, e, time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 -- becomes the rows' error, never a crashed actor
+            if len(todo) == 1:
+                return self.fail(todo, out, e, time.perf_counter() - start)
+            for i in todo:
+                self.answer([i], images, questions, out)
+            return
+        latency = time.perf_counter() - start
+        for i, answer, ids in zip(todo, answers, token_ids):
+            out["answer"][i], out["num_tokens"][i] = answer, len(ids)
+            out["model"][i], out["latency_s"][i] = self.settings, latency
+
+    def fail(self, rows: list[int], out: dict, error: BaseException, latency: float) -> None:
+        for i in rows:
+            out["error"][i], out["model"][i], out["latency_s"][i] = describe_error(error), self.settings, latency
+
+    def answer_batch(self, images: list, questions: list[str]) -> tuple[list[str], list[list[int]]]:
+        captured = []
+
+        def decode(*args, **kwargs):  # keeps the token ids: num_tokens counts what the model generated
+            ids = self.decode_fn(*args, **kwargs)
+            captured.append(ids)
+            return ids
+
+        answers = self.pipe.answer(images, questions, max_new_tokens=self.params.max_new_tokens,
+                                   layout=self.params.layout, decode_fn=decode)
+        return answers, captured[0]
