@@ -22,6 +22,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from jobs.spec import load_spec
+
+    spec = load_spec(args.spec)  # validated before Ray is imported: a bad spec costs no cluster time
+    from jobs.run import run_and_report
+
+    try:
+        return run_and_report(spec, address=args.address, quiet=args.quiet)
+    except RuntimeError as e:  # an unfinished job (rows without a committed result): re-running resumes it
+        print(f"flashu-batch run: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_specialize(args) -> int:
     from jobs.specialize import run_report, run_specialize
 
@@ -59,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="checkpoint folder or s3:// prefix (default: a small model built into ./out/model)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a batch job spec (YAML or JSON) on Ray: t2i and/or vqa over a dataset")
+    p.add_argument("spec", help="job spec file (see jobs/spec.py and examples/)")
+    p.add_argument("--address", help="Ray cluster address (ray://HOST:10001, HOST:6379 or auto); default: start a "
+                                     "local Ray on this machine")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no Ray logs; the summary only")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("specialize", help="calibrate a FlashU task specialist once and save it as an artifact")
     p.add_argument("--task", choices=["t2i", "vqa"])

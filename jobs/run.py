@@ -1,0 +1,40 @@
+"""`flashu-batch run`: a validated spec -> the scheduler, with progress lines and a closing summary."""
+
+import sys
+import time
+
+from jobs.spec import JobSpec
+
+PROGRESS_EVERY_S = 2.0
+
+
+class ProgressPrinter:
+    """One line per task at most every PROGRESS_EVERY_S seconds, and always the last one."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.last: dict[str, float] = {}
+
+    def __call__(self, progress) -> None:
+        now = time.monotonic()
+        if progress.finished or now - self.last.get(progress.task, 0.0) >= PROGRESS_EVERY_S:
+            self.last[progress.task] = now
+            print(progress.line(), file=self.stream, flush=True)
+
+
+def summary_lines(spec: JobSpec, results: dict) -> list[str]:
+    lines = [f"job {spec.job_id}: done"]
+    for name, r in results.items():
+        m = r["metrics"]
+        lines.append(f"  {name}: {r['rows']} rows ({r['errors']} errors) in {len(r['files'])} files -> {r['output']}; "
+                     f"this run {m['rows_this_run']} rows in {m['seconds']:.1f}s ({m['rows_per_s']:.2f} rows/s), "
+                     f"{m['skipped']} done before")
+    return lines
+
+
+def run_and_report(spec: JobSpec, address: str | None = None, quiet: bool = False) -> int:
+    from scheduler.driver import run_job
+
+    results = run_job(spec, address=address, quiet=quiet, on_progress=None if quiet else ProgressPrinter())
+    print("\n".join(summary_lines(spec, results)), flush=True)
+    return 0
