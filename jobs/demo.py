@@ -1,41 +1,61 @@
-"""`flashu-batch demo`: a few images and a few answers with a small model, written to a folder.
+"""`flashu-batch demo`: the batch system end to end on this machine, with a small model.
 
-It runs the same pipeline a production worker runs (checkpoint folder -> Showo2Pipeline -> PNG / text), on a
-model small enough for a laptop CPU. With no --model it builds the tiny seeded-random checkpoint first.
+It runs examples/demo.yaml through the same path as a production job (spec -> local Ray -> Ray Data pipelines
+with an actor pool per task -> Parquet with commit records -> `_SUCCESS` and metrics): text-to-image on
+examples/t2i_prompts.jsonl and VQA on examples/vqa_questions.jsonl. With no --model it builds the tiny
+seeded-random checkpoint first. Output: <out>/demo/{t2i,vqa}/. Running it again resumes the job: rows already
+committed are skipped (delete <out>/demo to start over).
 """
 
-import json
 import os
-import time
 
-DEMO_PROMPTS = ["a red circle on the left", "a blue square at the top", "a fox in the snow at sunset"]
-DEMO_QUESTIONS = ["what is shown in this picture?", "what color is the shape?", "how many shapes are there?"]
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def demo_spec(out: str, model: str):
+    """examples/demo.yaml with the model and output folder of this run."""
+    import yaml
+
+    from jobs.spec import parse_spec
+
+    path = os.path.join(EXAMPLES, "demo.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: the demo needs the examples/ folder of a source checkout "
+                         f"(pip install -e . from the repository).")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["checkpoint"] = os.path.abspath(model)
+    for task in raw["tasks"]:
+        task["output"] = os.path.abspath(out)
+    return parse_spec(raw, EXAMPLES)
 
 
 def run_demo(out: str, model: str | None = None) -> None:
-    import torch
-
-    from showo2.pipeline import Showo2Pipeline
-    from showo2.tiny import build_tiny_checkpoint
+    from jobs.output import read_output
+    from jobs.run import ProgressPrinter, summary_lines
+    from jobs.storage import Storage
+    from scheduler.driver import run_job
 
     os.makedirs(out, exist_ok=True)
     if model is None:
         model = os.path.join(out, "model")
         if not os.path.isfile(os.path.join(model, "config.json")):
+            from showo2.tiny import build_tiny_checkpoint
+
             print(f"building the tiny random-weight Show-o2 checkpoint in {model}")
             build_tiny_checkpoint(model)
-    pipe = Showo2Pipeline.from_pretrained(model, dtype=torch.float32, device="cpu")
+    spec = demo_spec(out, model)
+    results = run_job(spec, quiet=True, on_progress=ProgressPrinter())
 
-    start = time.perf_counter()
-    images = pipe.text_to_image(DEMO_PROMPTS, seeds=list(range(len(DEMO_PROMPTS))), num_inference_steps=10,
-                                guidance_scale=5.0, truncate=True)
-    for i, (prompt, image) in enumerate(zip(DEMO_PROMPTS, images)):
-        path = os.path.join(out, f"t2i_{i}.png")
-        image.save(path)
-        print(f"t2i  {path}  {prompt!r}")
-    answers = pipe.answer(images, DEMO_QUESTIONS, max_new_tokens=16)
-    with open(os.path.join(out, "vqa.jsonl"), "w") as f:
-        for i, (question, answer) in enumerate(zip(DEMO_QUESTIONS, answers)):
-            f.write(json.dumps({"image": f"t2i_{i}.png", "question": question, "answer": answer}) + "\n")
-            print(f"vqa  t2i_{i}.png  {question!r} -> {answer!r}")
-    print(f"done in {time.perf_counter() - start:.1f}s; results in {out}/")
+    for name, result in results.items():
+        table = read_output(Storage(), result["output"])
+        for row in table.to_pylist()[:4]:
+            if row["error"]:
+                shown = f"error: {row['error']}"
+            elif name == "t2i":
+                shown = f"{row['width']}x{row['height']} PNG ({len(row['image']['bytes'])} bytes), seed {row['seed']}"
+            else:
+                shown = f"{row['answer']!r} ({row['num_tokens']} tokens)"
+            text = row.get("prompt") if name == "t2i" else row.get("question")
+            print(f"{name}  {row['id'][:12]:12}  {text!r} -> {shown}")
+    print("\n".join(summary_lines(spec, results)))

@@ -13,13 +13,14 @@ class ProgressPrinter:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
-        self.last: dict[str, float] = {}
+        self.last: dict[str, tuple[float, str]] = {}
 
     def __call__(self, progress) -> None:
-        now = time.monotonic()
-        if progress.finished or now - self.last.get(progress.task, 0.0) >= PROGRESS_EVERY_S:
-            self.last[progress.task] = now
-            print(progress.line(), file=self.stream, flush=True)
+        now, line = time.monotonic(), progress.line()
+        when, shown = self.last.get(progress.task, (0.0, ""))
+        if line != shown and (progress.finished or now - when >= PROGRESS_EVERY_S):
+            self.last[progress.task] = now, line
+            print(line, file=self.stream, flush=True)
 
 
 def summary_lines(spec: JobSpec, results: dict) -> list[str]:

@@ -15,6 +15,7 @@ Per task:
 """
 
 import collections
+import logging
 import math
 import os
 import sys
@@ -58,8 +59,6 @@ class Progress:
 
 def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> bool:
     """Connect to `address`, or start a local Ray sized for the spec. Returns True when it started Ray here."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -108,7 +107,11 @@ def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, o
 
     started = init_ray(spec, address, quiet)
     try:
-        DataContext.get_current().enable_progress_bars = False  # the driver reports progress per committed file
+        # The driver reports progress per committed file: Ray Data's bars, plan logs and the notice that the bars
+        # are off would only interleave with it. Its warnings and errors still show.
+        DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         check_resources(spec, local=started)
         storage = Storage(spec.storage)
         return {task.task_name: run_task(spec, task, storage, on_progress, (worker_classes or {}).get(task.kind))

@@ -1,0 +1,48 @@
+"""`flashu-batch run` and `flashu-batch demo` on the session's Ray, and the shipped example specs."""
+
+import json
+import os
+
+import yaml
+
+from jobs.cli import main
+from jobs.demo import EXAMPLES, run_demo
+from jobs.output import read_output
+from jobs.spec import load_spec
+from jobs.storage import Storage
+
+
+def test_example_specs_are_valid():
+    demo = load_spec(os.path.join(EXAMPLES, "demo.yaml"))
+    assert [t.task_name for t in demo.tasks] == ["t2i", "vqa"] and demo.tasks[0].input.uris[0].startswith(EXAMPLES)
+    cluster = load_spec(os.path.join(EXAMPLES, "cluster_s3.yaml"))
+    assert cluster.model.specialization.vqa.startswith("s3://") and cluster.tasks[0].resources.gpus_per_worker == 1
+
+
+def test_demo_runs_both_tasks_and_resumes(ray_session, checkpoint, tmp_path, capsys):
+    run_demo(str(tmp_path), model=checkpoint)
+    printed = capsys.readouterr().out
+    assert "job demo: done" in printed and "t2i: 6/6 rows, 1 errors" in printed and "vqa: 4/4 rows, 1 errors" in printed
+    t2i = read_output(Storage(), str(tmp_path / "demo" / "t2i"))
+    vqa = read_output(Storage(), str(tmp_path / "demo" / "vqa"))
+    assert t2i.num_rows == 6 and vqa.num_rows == 4
+    assert [r["error"] for r in vqa.to_pylist() if r["id"] == "q-missing"][0].endswith("not_there.png' does not exist")
+    run_demo(str(tmp_path), model=checkpoint)
+    assert "this run 0 rows" in capsys.readouterr().out
+
+
+def test_run_command_prints_progress_and_a_summary(ray_session, checkpoint, tmp_path, capsys):
+    with open(os.path.join(EXAMPLES, "demo.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["job_id"], raw["model"]["checkpoint"] = "cli", checkpoint
+    raw["tasks"] = [dict(raw["tasks"][0], output=str(tmp_path / "out"),
+                         input=dict(uris=os.path.join(EXAMPLES, "t2i_prompts.jsonl"), format="jsonl"),
+                         params=dict(steps=2))]
+    (tmp_path / "job.json").write_text(json.dumps(raw))
+    assert main(["run", str(tmp_path / "job.json")]) == 0
+    out = capsys.readouterr().out
+    assert "t2i: 6/6 rows, 1 errors" in out and "rows/s" in out and "ETA" in out
+    assert f"t2i: 6 rows (1 errors) in 2 files -> {tmp_path / 'out' / 'cli' / 't2i'}" in out
+    assert main(["run", str(tmp_path / "job.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ETA" not in out and "this run 0 rows" in out and "6 done before" in out
