@@ -67,3 +67,35 @@ def test_storage_pickles_without_clients(s3_endpoint):
     storage.s3_client()
     copy = pickle.loads(pickle.dumps(storage))
     assert copy._s3 is None and copy.settings == storage.settings
+
+
+class RefusingClient:
+    """An S3 client whose server does not implement conditional writes (501 NotImplemented on If-None-Match)."""
+
+    def __init__(self):
+        self.objects = {}
+
+    def put_object(self, Bucket, Key, Body, **kwargs):
+        from botocore.exceptions import ClientError
+
+        if "IfNoneMatch" in kwargs:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no conditional writes"},
+                               "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+        self.objects[(Bucket, Key)] = Body
+
+    def head_object(self, Bucket, Key):
+        from botocore.exceptions import ClientError
+
+        if (Bucket, Key) not in self.objects:
+            raise ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
+
+
+def test_create_only_falls_back_where_the_server_refuses_conditional_puts(capsys):
+    storage = Storage(StorageSpec(conditional_put="auto"))
+    storage._s3 = RefusingClient()
+    assert storage.create("s3://b/k", b"1") is True and storage.create("s3://b/k", b"2") is False
+    assert storage._s3.objects[("b", "k")] == b"1" and "using HEAD-then-PUT" in capsys.readouterr().err
+    strict = Storage(StorageSpec(conditional_put="always"))
+    strict._s3 = RefusingClient()
+    with pytest.raises(Exception, match="NotImplemented"):
+        strict.create("s3://b/k", b"1")

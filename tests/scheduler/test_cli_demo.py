@@ -46,3 +46,22 @@ def test_run_command_prints_progress_and_a_summary(ray_session, checkpoint, tmp_
     assert main(["run", str(tmp_path / "job.json"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "ETA" not in out and "this run 0 rows" in out and "6 done before" in out
+
+
+def test_run_command_connects_to_a_running_cluster(ray_session, checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    import ray
+
+    raw = dict(job_id="remote", model=dict(checkpoint=checkpoint, dtype="float32", device="cpu"),
+               tasks=[dict(kind="t2i", input=dict(uris=os.path.join(EXAMPLES, "t2i_prompts.jsonl"), format="jsonl"),
+                           output=str(tmp_path / "out"), params=dict(steps=2),
+                           resources=dict(gpus_per_worker=0, cpus_per_worker=0.5, batch_size=3))])
+    (tmp_path / "job.json").write_text(json.dumps(raw))
+    address = ray.get_runtime_context().gcs_address
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.json"), "--address",
+                             address, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "t2i: 6 rows (1 errors)" in result.stdout
+    assert read_output(Storage(), str(tmp_path / "out" / "remote" / "t2i")).num_rows == 6
