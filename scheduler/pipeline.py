@@ -50,6 +50,10 @@ def write_and_commit(batch: pa.Table, kind: str, root: str, storage: Storage, ru
     """Write stage: one Parquet file + its commit record per call -> one summary row."""
     if batch.num_rows == 0:
         return SUMMARY_SCHEMA.empty_table()
+    ids = batch.column("id").to_pylist()
+    if len(set(ids)) < len(ids):  # a re-executed worker task can repeat rows; one of each goes to the file
+        first = {row_id: i for i, row_id in reversed(list(enumerate(ids)))}
+        batch = batch.take(pa.array(sorted(first.values()), pa.int64()))
     stats = TaskOutput(storage, root).write_and_commit(to_output_table(batch, kind), run_id)
     return pa.Table.from_pylist([stats], schema=SUMMARY_SCHEMA)
 
