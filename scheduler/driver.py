@@ -57,8 +57,15 @@ class Progress:
                 f"ETA {eta}{skipped}")
 
 
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1
+
+
 def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> bool:
     """Connect to `address`, or start a local Ray sized for the spec. Returns True when it started Ray here."""
+    if not address:
+        # A local Ray binds its services to the machine's network address unless told it is not a cluster; keep a
+        # single-machine run on loopback (read when ray is first imported).
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():

@@ -7,6 +7,10 @@ import shutil
 import pytest
 import torch
 
+# Keep the test session's local Ray on loopback (127.0.0.1) rather than the machine's network address; Ray reads this
+# when it is first imported (see scheduler/driver.py init_ray).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "..", "shared", "golden", "tiny-a")
 GOLDEN_MISSING_REASON = (f"golden reference set not found at {GOLDEN!r} (needs cases.json, cases.safetensors and "
