@@ -60,18 +60,15 @@ VQA_ABLATIONS = {
 }
 
 
-def run_vqa(checkpoint: str | None, num_samples: int, answer_tokens: int = 16) -> dict:
+def vqa_ablations(model, rows, latents, pad_id: int, answer_tokens: int) -> dict:
+    """Per VQA technique: agreement with the baseline's greedy tokens and the first answer token's KL."""
     from flashu.config import FlashUUnderstandingConfig
-    from flashu.understanding import UnderstandingSpecialist, calibrate_understanding, understanding_widths
     from flashu.ffn_prune import importance_order, reorder_ffn_
-    from jobs.specialize import vqa_calibration_set
+    from flashu.understanding import UnderstandingSpecialist, calibrate_understanding, understanding_widths
     from showo2.vqa import greedy_answers
 
-    checkpoint, pipe = load(checkpoint)
-    model, pad = pipe.model, pipe.tokens.pad
-    rows, latents = vqa_calibration_set(pipe, FlashUUnderstandingConfig(calibration_samples=num_samples), None)
-    reorder_ffn_(model, importance_order(calibrate_understanding(model, rows, latents, pad)))  # exact
-    kwargs = dict(max_new_tokens=answer_tokens, eos_id=-1, pad_id=pad, return_logits=True)
+    reorder_ffn_(model, importance_order(calibrate_understanding(model, rows, latents, pad_id)))  # exact
+    kwargs = dict(max_new_tokens=answer_tokens, eos_id=-1, pad_id=pad_id, return_logits=True)
     base_ids, base_logits = greedy_answers(model, rows, latents, **kwargs)
     results = {}
     for name, knobs in VQA_ABLATIONS.items():
@@ -83,9 +80,54 @@ def run_vqa(checkpoint: str | None, num_samples: int, answer_tokens: int = 16) -
         agree = sum(a == b for x, y in zip(ids, base_ids) for a, b in zip(x, y)) / sum(len(y) for y in base_ids)
         results[name] = dict(token_agreement=round(agree, 4),
                              answer_agreement=round(sum(x == y for x, y in zip(ids, base_ids)) / len(ids), 4),
-                             first_token_kl=round(kl, 5))
+                             first_token_kl=round(max(kl, 0.0), 6))
+    return results
+
+
+def run_vqa(checkpoint: str | None, num_samples: int, answer_tokens: int = 16) -> dict:
+    """A checkpoint with tokenizer and VAE: its own generations of the built-in prompts, built-in questions."""
+    from flashu.config import FlashUUnderstandingConfig
+    from jobs.specialize import vqa_calibration_set
+
+    checkpoint, pipe = load(checkpoint)
+    rows, latents = vqa_calibration_set(pipe, FlashUUnderstandingConfig(calibration_samples=num_samples), None)
     return dict(checkpoint=os.path.basename(os.path.normpath(checkpoint)), samples=len(rows),
-                answer_tokens=answer_tokens, ablations=results)
+                answer_tokens=answer_tokens,
+                ablations=vqa_ablations(pipe.model, rows, latents, pipe.tokens.pad, answer_tokens))
+
+
+def run_vqa_golden(golden_dir: str, num_samples: int, answer_tokens: int = 16) -> dict:
+    """A golden set (no tokenizer): its MMU prompt layout with random question ids, its image plus noise images."""
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from showo2.layouts import vqa_sequence
+    from showo2.loading import VAE_FILE, load_showo2
+    from showo2.vae import load_vae
+
+    with open(os.path.join(golden_dir, "cases.json")) as f:
+        meta = _json.load(f)
+    ids = meta["tokenizer"]["showo_token_ids"]
+    tokens = type("Tokens", (), dict(bos=ids["bos_id"], boi=ids["boi_id"], eoi=ids["eoi_id"],
+                                     img_pad=ids["img_pad_id"], pad=meta["tokenizer"]["pad_id"]))
+    model = load_showo2(os.path.join(golden_dir, "checkpoint"))
+    vae = load_vae(os.path.join(golden_dir, "checkpoint", VAE_FILE))
+    data = load_file(os.path.join(golden_dir, "cases.safetensors"))
+    prompt = data["mmu.input_ids"][0].tolist()
+    text_a_len = meta["cases"]["mmu"]["settings"]["text_a_length"]
+    g = torch.Generator().manual_seed(0)
+    n_regular = meta["tokenizer"]["n_regular"]
+    rows = [vqa_sequence(torch.randint(0, n_regular, (int(torch.randint(3, 20, (1,), generator=g)),),
+                                       generator=g).tolist(), prompt[:text_a_len], prompt[-4:], tokens,
+                         model.config.num_image_slots) for _ in range(num_samples)]
+    image = data["mmu.image"]
+    images = torch.cat([image, (image + 0.3 * torch.randn(num_samples - 1, *image.shape[1:], generator=g))
+                        .clamp(-1, 1)])
+    with torch.no_grad():
+        latents = vae.encode(images)
+    return dict(checkpoint=os.path.basename(os.path.normpath(golden_dir)), samples=num_samples,
+                answer_tokens=answer_tokens, ablations=vqa_ablations(model, rows, latents, tokens.pad, answer_tokens))
 
 
 def run(checkpoint: str | None, num_prompts: int) -> dict:
@@ -122,10 +164,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=["t2i", "vqa"], default="t2i")
     parser.add_argument("--checkpoint", help="checkpoint folder with VAE and tokenizer (default: tiny random)")
+    parser.add_argument("--golden", help="vqa: a golden set folder (its checkpoint, no tokenizer needed)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts (t2i) or image-question samples (vqa)")
     args = parser.parse_args(argv)
     if args.task == "vqa":
-        result = run_vqa(args.checkpoint, args.prompts)
+        result = run_vqa_golden(args.golden, args.prompts) if args.golden else run_vqa(args.checkpoint, args.prompts)
         print(f"{'technique':<26} {'token agree':>11} {'answer agree':>12} {'first-token KL':>14}")
         for name, row in result["ablations"].items():
             print(f"{name:<26} {row['token_agreement']:>11} {row['answer_agreement']:>12} "
