@@ -5,9 +5,9 @@ triple, at most one object per named position:
 
     colors     red green blue yellow purple white
     shapes     circle square triangle (pointing up)
-    positions  left right top bottom center       (a plus-shaped layout, 21 px apart, 3+ px gaps between shapes)
+    positions  left right top bottom center       (a plus-shaped layout, 23.5 px apart, 7+ px gaps between shapes)
 
-Every object is drawn with a small seeded jitter (centre +-1 px, half-size 7 +- 0.75 px), anti-aliased (4x
+Every object is drawn with a small seeded jitter (centre +-0.5 px, half-size 7 +- 0.5 px), anti-aliased (4x
 supersampling). Captions come from one template ("a red circle on the left and a blue square at the bottom");
 questions have one-word answers about color, shape, position and count (see `questions`).
 
@@ -43,14 +43,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 220, 40), "purple": (170, 60, 220), "white": (240, 240, 240),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre in pixels of the 64x64 image
-    "left": (11.0, 32.0), "right": (53.0, 32.0), "top": (32.0, 11.0), "bottom": (32.0, 53.0), "center": (32.0, 32.0),
+# (x, y) centres in pixels. Aligned with the model's 4x4 grid of 16-pixel image tokens: an object at the left,
+# right, top or bottom lies in one column / row of tokens, the centre one in the middle 2x2 block; no token holds
+# parts of two objects.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (8.5, 32.0), "right": (55.5, 32.0), "top": (32.0, 8.5), "bottom": (32.0, 55.5), "center": (32.0, 32.0),
 }
 PREPOSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                 "center": "in the center"}
 HALF_SIZE = 7.0  # half the extent of a shape in pixels (circle radius, half the square side)
-SIZE_JITTER = 0.75
-POS_JITTER = 1.0
+SIZE_JITTER = 0.5
+POS_JITTER = 0.5
 SUPERSAMPLE = 4
 NUMBERS = ("zero", "one", "two", "three")
 PLURALS = {s: s + "s" for s in SHAPES}
@@ -263,6 +266,8 @@ def vqa_accuracy(predictions: list[str], answers: list[str]) -> float:
 
 FOREGROUND_MIN = 110  # a pixel is foreground when its brightest channel reaches this (palette colors are >= 220)
 MIN_AREA = 24  # components smaller than this are noise (a shape covers ~100-200 pixels)
+SOFT_FULL = 200.0  # brightness that counts as fully inside a shape for the soft template match
+SOFT_BOX = 0.4  # the fitted templates fill the box where brightness / SOFT_FULL reaches this
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE_DIRS = np.array([np.array(c, dtype=np.float32) / max(c) for c in COLORS.values()])  # (K, 3)
 
@@ -318,25 +323,26 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 _GRIDS: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _template(shape: str, cx: float, cy: float, r: float, H: int, W: int) -> np.ndarray:
-    """Boolean mask (H, W) of a shape with centre (cx, cy) and half-extent r (pixel centres at +0.5)."""
+def _template(shape: str, cx: float, cy: float, rx: float, ry: float, H: int, W: int) -> np.ndarray:
+    """Boolean mask (H, W) of a shape filling the box of centre (cx, cy) and half-extents (rx, ry) (pixel centres
+    at +0.5): an ellipse, the box itself, or an upward triangle with its base on the box's bottom edge."""
     if (H, W) not in _GRIDS:
         _GRIDS[(H, W)] = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
     ys, xs = _GRIDS[(H, W)]
     if shape == "circle":
-        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+        return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
     if shape == "square":
-        return (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
-    # upward triangle: apex (cx, cy - r), base y = cy + r from cx - r to cx + r
-    frac = (ys - (cy - r)) / (2 * r)  # 0 at the apex, 1 at the base
-    return (frac >= 0) & (frac <= 1) & (np.abs(xs - cx) <= frac * r)
+        return (np.abs(xs - cx) < rx) & (np.abs(ys - cy) < ry)
+    frac = (ys - (cy - ry)) / (2 * ry)  # 0 at the apex, 1 at the base
+    return (frac >= 0) & (frac <= 1) & (np.abs(xs - cx) <= frac * rx)
 
 
 def detect(image) -> list[Detection]:
     """The objects in an image: foreground components (brightest channel >= FOREGROUND_MIN, area >= MIN_AREA),
     each with the majority palette color of its pixels (by chromaticity: the pixel divided by its brightest channel,
     so dim anti-aliased edges keep their hue), the shape whose template (fitted to the component's bounding box)
-    overlaps it best, and the nearest named position of its centroid. Sorted by position name."""
+    best overlaps the brightness around it (soft IoU), and the named position nearest to the centre of its bounding
+    box. Sorted by position name."""
     arr = _to_array(image)
     H, W, _ = arr.shape
     bright = arr.max(axis=2)
@@ -349,14 +355,20 @@ def detect(image) -> list[Detection]:
             continue
         ys, xs = pix[:, 0], pix[:, 1]
         color = _PALETTE_NAMES[Counter(nearest[ys, xs].tolist()).most_common(1)[0][0]]
-        comp = np.zeros((H, W), dtype=bool)
-        comp[ys, xs] = True
+        # Soft IoU with each template: the brightness (not the thresholded mask) near the component, so the dim,
+        # blurred corners of a decoded square still count as corners. The templates fill the box where that
+        # brightness reaches half the full level (a blurred triangle's dim apex included).
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+        soft = np.zeros((H, W), dtype=np.float32)
+        window = (slice(max(0, y0 - 2), y1 + 2), slice(max(0, x0 - 2), x1 + 2))
+        soft[window] = np.clip(bright[window] / SOFT_FULL, 0.0, 1.0)
+        box_ys, box_xs = np.nonzero(soft >= SOFT_BOX)
+        x0, x1, y0, y1 = box_xs.min(), box_xs.max() + 1, box_ys.min(), box_ys.max() + 1
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
         ious = {}
         for s in SHAPES:
-            t = _template(s, cx, cy, r, H, W)
-            ious[s] = (t & comp).sum() / max((t | comp).sum(), 1)
+            t = _template(s, cx, cy, rx, ry, H, W).astype(np.float32)
+            ious[s] = float(np.minimum(soft, t).sum() / max(np.maximum(soft, t).sum(), 1e-6))
         shape = max(ious, key=ious.get)
         # position from the centre of the shape's extent (a triangle's centroid sits low; its box centre does not)
         position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] * W / IMAGE_SIZE - cx) ** 2
