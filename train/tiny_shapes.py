@@ -1,0 +1,394 @@
+"""Train the tiny-shapes Show-o2 (the embedded default model) from scratch on the synthetic world of
+`showo2.tiny_world`, on the CPU, reproducibly from a seed.
+
+    python -m train.tiny_shapes --out showo2/checkpoints/tiny-shapes --seed 0
+
+Three stages, all in one process:
+
+1. Data: N_SCENES training-split scenes (never a held-out (color, shape, position) triple), rendered at 64x64.
+2. VAE: the Wan2.1 VAE architecture (`showo2.vae.WanVAE`) at width 8 with one residual block per stage and 8
+   latent channels, trained as a VAE (MSE + a small KL) on those images. Its latents_mean / latents_std are then
+   set to the per-channel statistics of the training latents (posterior means), so normalised latents are ~N(0, 1).
+3. Show-o2: the same modules as the release at small width/depth (`model_config`: 8 LLM layers of width 128, 2
+   semantic layers, 2 flow-head layers; 4x4 = 16 image tokens of an 8x8x8 latent, patch 2), a byte-level tokenizer
+   holding the world's words (`showo2.tokenizer.build_tokenizer`, Show-o2 special-token layout), trained jointly:
+   - T2I: rows from `showo2.layouts.t2i_sequences` (caption dropped to empty with p = 0.1 for classifier-free
+     guidance), x_t = t x1 + (1 - t) x0 with t drawn on the sampler's shifted grid distribution, MSE between
+     `Showo2.velocity` and x1 - x0;
+   - VQA: rows from `showo2.layouts.vqa_sequence` in both layouts (the pipeline's default "demo" and "training"),
+     next-token cross-entropy on the one-word answer and the closing <|im_end|> (so greedy decoding stops).
+
+The checkpoint is written in the official layout (`showo2.loading.save_showo2`: config.json, llm/, siglip/,
+model.safetensors) with `Wan2.1_VAE.pth`, `vae_config.json`, the tokenizer files and `training.json` (the
+arguments, seed, losses and wall time) in the same folder; weights are stored in bfloat16 unless --fp32.
+`python -m bench.quality --model <folder>` scores it.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from showo2 import tiny_world as world
+from showo2.config import FlowHeadConfig, Showo2Config
+from showo2.layouts import (VQA_ASSISTANT_TEXT, VQA_USER_TEXT, Sequences, t2i_sequences, vqa_prompt_ids,
+                            vqa_sequence)
+from showo2.loading import VAE_FILE, save_showo2
+from showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from showo2.tokenizer import SpecialTokens, build_tokenizer
+from showo2.vae import VAEConfig, WanVAE
+from showo2.vqa import prompt_embeddings
+
+Z_DIM = 8
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    seed: int = 0
+    n_scenes: int = 20000
+    # VAE
+    vae_steps: int = 2400
+    vae_batch: int = 16
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-4
+    edge_weight: float = 4.0
+    # Show-o2
+    steps: int = 3000
+    t2i_batch: int = 16
+    vqa_batch: int = 16
+    vqa_turns: int = 3  # questions per VQA row (the first in the pipeline's layout, then chat turns)
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    cfg_drop: float = 0.1
+    vqa_weight: float = 1.0
+    time_shift: float = 3.0
+    bf16: int = 1  # bfloat16 autocast for the Show-o2 matmuls (weights and optimizer stay float32)
+    log_every: int = 50
+
+
+def vae_config(latents_mean=(0.0,) * Z_DIM, latents_std=(1.0,) * Z_DIM) -> VAEConfig:
+    """Wan2.1 VAE at width 8 (official 96), one residual block per stage (official 2), 8 latent channels."""
+    return VAEConfig(dim=8, z_dim=Z_DIM, num_res_blocks=1, latents_mean=tuple(latents_mean),
+                     latents_std=tuple(latents_std))
+
+
+def model_config(vocab_size: int) -> Showo2Config:
+    """The tiny-shapes Show-o2: the "tiny" preset made deeper and wider (8 LLM layers, so that layer skipping and
+    pruning have room), 64x64 pixels -> 8x8x8 latent -> 4x4 = 16 image tokens (patch 2)."""
+    llm = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+               vocab_size=vocab_size, tie_word_embeddings=True, hidden_act="silu")
+    siglip = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, image_size=56, patch_size=14)
+    head = FlowHeadConfig(hidden_size=128, head_dim=32, intermediate_size=256, num_attention_heads=4,
+                          num_key_value_heads=2)
+    return Showo2Config(llm=llm, siglip=siglip, llm_vocab_size=vocab_size, hidden_size=128, clip_latent_dim=64,
+                        image_latent_dim=Z_DIM, image_latent_height=4, image_latent_width=4, patch_size=2,
+                        num_diffusion_layers=2, head=head)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): 1 on flat areas, 1 + edge_weight within a pixel of a colour edge of the
+    target, so the few pixels that make a circle round and a square square are not drowned by the background."""
+    gx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True)
+    gy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True)
+    edges = F.pad(gx, (0, 1, 0, 0)) + F.pad(gy, (0, 0, 0, 1))
+    return 1 + edge_weight * F.max_pool2d(edges, 3, 1, 1).clamp(max=1)
+
+
+def train_vae(images_u8: torch.Tensor, args: TrainArgs, log) -> WanVAE:
+    """VAE objective on the posterior sample: edge-weighted (MSE + L1 / 2) reconstruction + kl_weight * KL."""
+    torch.manual_seed(args.seed)
+    vae = WanVAE(vae_config()).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    for step in range(args.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50, floor=0.0)
+        x = to_pixels(images_u8[torch.randint(0, len(images_u8), (args.vae_batch,), generator=g)])
+        mu, logvar = vae.conv1(vae.encoder(x)).chunk(2, dim=1)
+        logvar = logvar.clamp(-20.0, 5.0)
+        z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
+        err = vae.decoder(vae.conv2(z)) - x
+        rec_loss = (edge_weights(x, args.edge_weight) * (err.pow(2) + 0.5 * err.abs())).mean()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = rec_loss + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % (2 * args.log_every) == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step:5d}  rec {rec_loss.item():.4f}  kl {kl.item():.3f}  "
+                f"{time.perf_counter() - start:.0f}s")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def posterior_means(vae: WanVAE, images_u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Un-normalised posterior means (N, z, 8, 8) of all images."""
+    out = []
+    for i in range(0, len(images_u8), batch):
+        mu, _ = vae.conv1(vae.encoder(to_pixels(images_u8[i:i + batch]))).chunk(2, dim=1)
+        out.append(mu)
+    return torch.cat(out)
+
+
+def normalised_vae(vae: WanVAE, mu: torch.Tensor) -> tuple[WanVAE, torch.Tensor]:
+    """The VAE with latents_mean/std set to the per-channel statistics of mu, and the normalised latents."""
+    mean, std = mu.mean(dim=(0, 2, 3)), mu.std(dim=(0, 2, 3))
+    config = vae_config([round(float(m), 5) for m in mean], [round(float(s), 5) for s in std])
+    final = WanVAE(config)
+    final.load_state_dict(vae.state_dict())
+    mean_t = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(config.latents_std).view(1, -1, 1, 1)
+    return final.eval().requires_grad_(False), (mu - mean_t) / std_t
+
+
+@torch.no_grad()
+def vae_reconstruction_scores(vae: WanVAE, n: int = 200) -> dict:
+    """The T2I checker's scores of VAE reconstructions of held-out images: the ceiling for generated images."""
+    scenes = world.sample_scenes("heldout", n, seed=99)
+    x = to_pixels(torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes])))
+    recon = vae.decode(vae.encode(x))
+    return {k: round(v, 4) for k, v in world.score_t2i(list(recon), [s.objects for s in scenes]).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Show-o2
+
+
+class Batcher:
+    """Builds the T2I and VQA training rows from scenes, tokenising each distinct string once."""
+
+    def __init__(self, tokenizer, tokens: SpecialTokens, scenes, num_image_slots: int, seed: int):
+        self.tokenizer, self.tokens, self.scenes, self.S = tokenizer, tokens, scenes, num_image_slots
+        self.rng = random.Random(seed)
+        self.cache: dict[str, list[int]] = {}
+        self.qa = [world.questions(s) for s in scenes]  # the "no" question is re-drawn per use below
+        self.layout_pieces = {}
+        for layout in ("demo", "training"):
+            text_a, _, role_b = vqa_prompt_ids(tokenizer, tokens, "x", layout)
+            self.layout_pieces[layout] = (text_a, role_b)
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
+
+    def t2i(self, index: list[int], cfg_drop: float) -> Sequences:
+        prompts = [[] if self.rng.random() < cfg_drop else self.encode(self.scenes[i].caption) for i in index]
+        max_seq_len = max(len(p) for p in prompts) + self.S + 4
+        return t2i_sequences(prompts, self.tokens, self.S, max_seq_len, with_uncond=False)
+
+    def vqa(self, index: list[int], turns: int = 1) -> tuple[Sequences, torch.Tensor]:
+        """Rows [prompt | answer | eos] (+ turns - 1 further chat turns [user q eos assistant | answer | eos]),
+        right-padded, and labels (B, L): -100 except on answer and closing eos tokens.
+
+        The first turn is exactly what `Showo2Pipeline.answer` feeds (layout "demo" or "training", drawn per row);
+        later turns only add supervision (more answers per image for the same prompt prefix)."""
+        rows, labels, seqs = [], [], []
+        for i in index:
+            qa = self.qa[i]
+            picks = self.rng.sample(range(len(qa)), min(turns, len(qa)))
+            layout = self.rng.choice(("demo", "training"))
+            text_a, role_b = self.layout_pieces[layout]
+            ids, lab = [], []
+            for turn, k in enumerate(picks):
+                question, answer = qa[k]
+                if answer == "no":  # vary the absent color-shape pair
+                    present = {(o.color, o.shape) for o in self.scenes[i].objects}
+                    absent = [(c, s) for c in world.COLORS for s in world.SHAPES if (c, s) not in present]
+                    question = "is there a {} {}?".format(*self.rng.choice(absent))
+                if turn == 0:
+                    q_text = question if layout == "demo" else "\n" + question + "<|im_end|>"
+                    seq = vqa_sequence(self.encode(q_text), text_a, role_b, self.tokens, self.S, layout)
+                    prompt = seq.input_ids[0].tolist()
+                    seqs.append(seq)
+                else:
+                    prompt = self.encode(VQA_USER_TEXT + question + "<|im_end|>" + VQA_ASSISTANT_TEXT)
+                target = self.encode(answer) + [self.tokens.eos]
+                ids += prompt + target
+                lab += [-100] * len(prompt) + target
+            rows.append(ids)
+            labels.append(lab)
+        L = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [self.tokens.pad] * (L - len(r)) for r in rows])
+        label_ids = torch.tensor([lab + [-100] * (L - len(lab)) for lab in labels])
+        return Sequences(input_ids, torch.cat([s.image_offsets for s in seqs]),
+                         torch.cat([s.modality_positions for s in seqs])), label_ids
+
+
+def t2i_loss(model: Showo2, seqs: Sequences, x1: torch.Tensor, g: torch.Generator, time_shift: float):
+    B = x1.shape[0]
+    u = torch.rand(B, generator=g)
+    t = u / (u + time_shift - time_shift * u)  # the sampler's shifted grid, as a distribution
+    x0 = torch.randn(x1.shape, generator=g)
+    tb = t.view(B, 1, 1, 1)
+    xt = tb * x1 + (1 - tb) * x0
+    mask = additive_mask(omni_attention_mask(seqs.modality_positions, seqs.input_ids.shape[1]), torch.float32)
+    v = model.velocity(seqs.input_ids, seqs.image_offsets, seqs.modality_positions, mask, xt, t)
+    return F.mse_loss(v.float(), x1 - x0)
+
+
+def vqa_loss(model: Showo2, seqs: Sequences, labels: torch.Tensor, latents: torch.Tensor):
+    embeds = prompt_embeddings(model, seqs, latents)
+    mask = additive_mask(omni_attention_mask(seqs.modality_positions, embeds.shape[1]), embeds.dtype)
+    hidden = model.llm_hidden(embeds, mask)
+    logits = model.showo.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+
+def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: TrainArgs, log, on_checkpoint=None,
+                 checkpoint_every: int = 0) -> dict:
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed + 2)
+    N = len(latents)
+    start = time.perf_counter()
+    history = []
+    fm_avg = ce_avg = None
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup)
+        idx_t = torch.randint(0, N, (args.t2i_batch,), generator=g)
+        idx_v = torch.randint(0, N, (args.vqa_batch,), generator=g)
+        zero = torch.zeros(())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
+                if args.t2i_batch else zero
+            ce = vqa_loss(model, *batcher.vqa(idx_v.tolist(), args.vqa_turns), latents[idx_v]) if args.vqa_batch else zero
+        loss = fm + args.vqa_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        fm_avg = fm.item() if fm_avg is None else 0.95 * fm_avg + 0.05 * fm.item()
+        ce_avg = ce.item() if ce_avg is None else 0.95 * ce_avg + 0.05 * ce.item()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            log(f"showo2 step {step:5d}  fm {fm_avg:.4f}  ce {ce_avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{time.perf_counter() - start:.0f}s")
+            history.append(dict(step=step, fm=round(fm_avg, 5), ce=round(ce_avg, 5)))
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                and step + 1 < args.steps:
+            model.eval()
+            on_checkpoint(step + 1)
+            model.train()
+    model.eval().requires_grad_(False)
+    return dict(final_fm=fm_avg, final_ce=ce_avg, history=history)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(folder: str, model: Showo2, vae: WanVAE, tokenizer, dtype: torch.dtype, meta: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    save_showo2(copy.deepcopy(model).to(dtype), folder)  # a copy: training goes on in float32
+    tokenizer.save_pretrained(folder)
+    torch.save({k: v.to(dtype).clone() for k, v in vae.state_dict().items()}, os.path.join(folder, VAE_FILE))
+    with open(os.path.join(folder, "vae_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(vae.config), f, indent=2)
+    with open(os.path.join(folder, "training.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def build_world_tokenizer():
+    return build_tokenizer(list(world.WORDS))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.tiny_shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="showo2/checkpoints/tiny-shapes", help="checkpoint folder to write")
+    parser.add_argument("--fp32", action="store_true", help="store float32 weights (default bfloat16)")
+    parser.add_argument("--vae-from", default=None,
+                        help="skip VAE training: load these VAE weights (a Wan2.1_VAE.pth of this architecture)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write intermediate checkpoints to <out>/step-<n> every n steps (experiments)")
+    for f in dataclasses.fields(TrainArgs):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ns = parser.parse_args(argv)
+    args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
+    t_start = time.perf_counter()
+
+    c_start = time.process_time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s wall {time.process_time() - c_start:7.1f}s cpu] {msg}", flush=True)
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, args {dataclasses.asdict(args)}")
+    scenes = world.sample_scenes("train", args.n_scenes, args.seed)
+    images = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes]))  # (N, 64, 64, 3) uint8
+    log(f"rendered {len(scenes)} training scenes")
+
+    if ns.vae_from:
+        vae = WanVAE(vae_config())
+        vae.load_state_dict({k: v.float() for k, v in torch.load(ns.vae_from, weights_only=True).items()})
+        vae = vae.eval().requires_grad_(False)
+    else:
+        vae = train_vae(images, args, log)
+    mu = posterior_means(vae, images)
+    vae, latents = normalised_vae(vae, mu)
+    log(f"vae done; latent mean {vae.config.latents_mean} std {vae.config.latents_std}")
+    vae_scores = vae_reconstruction_scores(vae)
+    log(f"vae reconstructions of 200 held-out images, checker scores: {vae_scores}")
+
+    tokenizer = build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    torch.manual_seed(args.seed)
+    model = Showo2(model_config(len(tokenizer)))
+    log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
+    batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3)
+    dtype = torch.float32 if ns.fp32 else torch.bfloat16
+
+    def intermediate(step: int) -> None:
+        save_checkpoint(os.path.join(ns.out, f"step-{step}"), model, vae, tokenizer, dtype, dict(step=step))
+        log(f"wrote {ns.out}/step-{step}")
+
+    stats = train_showo2(model, batcher, latents, args, log, intermediate, ns.save_every)
+
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    meta = dict(command="python -m train.tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv), args=dataclasses.asdict(args),
+                weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
+                threads=torch.get_num_threads(), wall_time_s=round(wall, 1), cpu_time_s=round(cpu, 1), vae_reconstruction=vae_scores, **stats)
+    save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
+    log(f"wrote {ns.out} (wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min over {torch.get_num_threads()} "
+        f"threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
