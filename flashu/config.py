@@ -8,9 +8,15 @@ JSON/YAML input: with pydantic installed it also checks types and refuses unknow
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 
 # Paper defaults for Show-o2 1.5B text-to-image (FlashU Table 7; design/flashu.md 2.1-2.7).
 DEFAULT_GUIDANCE_SCHEDULE = ((24, 7.5), (11, 10.0))
+
+
+def invalid(config, name: str, message: str):
+    """Raise the error a bad knob gets: it names the class, the field and the value."""
+    raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r}: {message}")
 
 
 def config_from_dict(cls, raw: dict):
@@ -61,8 +67,7 @@ class FlashUGenerationConfig:
     calibration_seed: int = 0
 
     def __post_init__(self):
-        def fail(name, message):
-            raise ValueError(f"FlashUGenerationConfig.{name} = {getattr(self, name)!r}: {message}")
+        fail = partial(invalid, self)
 
         for name in ("num_inference_steps", "calibration_steps"):
             if getattr(self, name) < 2:
@@ -136,8 +141,7 @@ class FlashUUnderstandingConfig:
     calibration_seed: int = 0
 
     def __post_init__(self):
-        def fail(name, message):
-            raise ValueError(f"FlashUUnderstandingConfig.{name} = {getattr(self, name)!r}: {message}")
+        fail = partial(invalid, self)
 
         for name in ("ffn_prune_ratio", "token_prune_ratio", "layer_skip_ratio"):
             if not 0 <= getattr(self, name) < 1:
