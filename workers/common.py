@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -176,3 +177,21 @@ class DeadlineRunner:
             self.cancelled.set()
             self._abandoned = future
             raise BatchTimeout(f"the batch took longer than batch_timeout_s={self.timeout_s}s") from None
+
+
+def run_rows(rows: list[int], run, record, fail) -> None:
+    """Run `rows` as one batch: `record(rows, run(rows), latency)`. If the batch fails (not by timeout), run the
+    rows one by one so a single bad row does not take the others down; a row that still fails, or a timed-out
+    batch, goes to `fail(rows, error, latency)`: it becomes the rows' error, never a crashed actor."""
+    start = time.perf_counter()
+    try:
+        results = run(rows)
+    except BatchTimeout as e:
+        return fail(rows, e, time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001
+        if len(rows) == 1:
+            return fail(rows, e, time.perf_counter() - start)
+        for i in rows:
+            run_rows([i], run, record, fail)
+        return
+    record(rows, results, time.perf_counter() - start)

@@ -1,12 +1,11 @@
 """T2IWorker: prompt rows in, PNG rows out (one out for each in; failures come back as error rows)."""
 
 import io
-import time
 from functools import partial
 
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from workers.common import (BatchTimeout, DeadlineRunner, describe_error, load_pipeline, read_columns, row_seed,
+from workers.common import (DeadlineRunner, describe_error, load_pipeline, read_columns, row_seed, run_rows,
                             settings_json, to_batch)
 
 OFFICIAL_STEPS = 50  # inference_t2i.py's default
@@ -62,28 +61,21 @@ class T2IWorker:
         return to_batch(out, n, type(self).__name__)
 
     def generate(self, todo: list[int], prompts: list, out: dict) -> None:
-        """Run the rows `todo` as one batch; if the batch fails (not by timeout), run them one by one so a single
-        bad row does not take the others down."""
-        start = time.perf_counter()
-        try:
-            images = self.runner.run(self.text_to_image, [prompts[i] for i in todo], [out["seed"][i] for i in todo])
-        except BatchTimeout as e:
-            return self.fail(todo, out, e, time.perf_counter() - start)
-        except Exception as e:  # noqa: BLE001 -- becomes the rows' error, never a crashed actor
-            if len(todo) == 1:
-                return self.fail(todo, out, e, time.perf_counter() - start)
-            for i in todo:
-                self.generate([i], prompts, out)
-            return
-        latency = time.perf_counter() - start
-        for i, image in zip(todo, images):
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            out["image_bytes"][i], out["image_path"][i] = png.getvalue(), f"{out['id'][i]}.png"
-            out["width"][i], out["height"][i] = image.size
-            out["model"][i], out["latency_s"][i] = self.settings, latency
+        """Run the rows `todo` as one batch (one by one if the batch fails; see workers.common.run_rows)."""
+        def run(rows):
+            return self.runner.run(self.text_to_image, [prompts[i] for i in rows], [out["seed"][i] for i in rows])
 
-    def fail(self, rows: list[int], out: dict, error: BaseException, latency: float) -> None:
+        def record(rows, images, latency):
+            for i, image in zip(rows, images):
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                out["image_bytes"][i], out["image_path"][i] = png.getvalue(), f"{out['id'][i]}.png"
+                out["width"][i], out["height"][i] = image.size
+                out["model"][i], out["latency_s"][i] = self.settings, latency
+
+        run_rows(todo, run, record, partial(self.fail, out=out))
+
+    def fail(self, rows: list[int], error: BaseException, latency: float, out: dict) -> None:
         for i in rows:
             out["error"][i], out["model"][i], out["latency_s"][i] = describe_error(error), self.settings, latency
 

@@ -1,12 +1,12 @@
 """VQAWorker: image + question rows in, answer rows out (one out for each in; failures come back as error rows)."""
 
 import io
-import time
+from functools import partial
 
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from workers.common import (BatchTimeout, DeadlineRunner, decode_error, describe_error, load_pipeline, read_columns,
-                            settings_json, to_batch)
+from workers.common import (DeadlineRunner, decode_error, describe_error, load_pipeline, read_columns,
+                            run_rows, settings_json, to_batch)
 
 
 class VQAWorker:
@@ -62,25 +62,19 @@ class VQAWorker:
         return to_batch(out, n, type(self).__name__)
 
     def answer(self, todo: list[int], images: dict, questions: list, out: dict) -> None:
-        """Answer the rows `todo` as one batch; if the batch fails (not by timeout), one by one."""
-        start = time.perf_counter()
-        try:
-            answers, token_ids = self.runner.run(self.answer_batch, [images[i] for i in todo],
-                                                 [questions[i] for i in todo])
-        except BatchTimeout as e:
-            return self.fail(todo, out, e, time.perf_counter() - start)
-        except Exception as e:  # noqa: BLE001 -- becomes the rows' error, never a crashed actor
-            if len(todo) == 1:
-                return self.fail(todo, out, e, time.perf_counter() - start)
-            for i in todo:
-                self.answer([i], images, questions, out)
-            return
-        latency = time.perf_counter() - start
-        for i, answer, ids in zip(todo, answers, token_ids):
-            out["answer"][i], out["num_tokens"][i] = answer, len(ids)
-            out["model"][i], out["latency_s"][i] = self.settings, latency
+        """Answer the rows `todo` as one batch (one by one if the batch fails; see workers.common.run_rows)."""
+        def run(rows):
+            return self.runner.run(self.answer_batch, [images[i] for i in rows], [questions[i] for i in rows])
 
-    def fail(self, rows: list[int], out: dict, error: BaseException, latency: float) -> None:
+        def record(rows, results, latency):
+            answers, token_ids = results
+            for i, answer, ids in zip(rows, answers, token_ids):
+                out["answer"][i], out["num_tokens"][i] = answer, len(ids)
+                out["model"][i], out["latency_s"][i] = self.settings, latency
+
+        run_rows(todo, run, record, partial(self.fail, out=out))
+
+    def fail(self, rows: list[int], error: BaseException, latency: float, out: dict) -> None:
         for i in rows:
             out["error"][i], out["model"][i], out["latency_s"][i] = describe_error(error), self.settings, latency
 
