@@ -35,6 +35,15 @@ def skip_committed(batch: pa.Table, committed: frozenset) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def bucket_by_question_length(batch: pa.Table) -> pa.Table:
+    """Order a block's rows by question length, so each batch cut from it holds questions of similar length (the
+    VQA batch is left-padded to its longest prompt; images are all resized to one resolution already). Rows
+    without a question (error rows) go last."""
+    import pyarrow.compute as pc
+
+    return batch.take(pc.sort_indices(pc.utf8_length(batch.column("question"))))
+
+
 def to_output_table(batch: pa.Table, kind: str) -> pa.Table:
     """Worker output -> the documented output schema (jobs/output.py); the image columns become the `datasets`
     Image struct {bytes, path}."""
@@ -94,5 +103,7 @@ def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root:
     ds = read_rows(units, "vqa", task.input, storage)
     ds = ds.map_batches(skip_committed, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(committed=committed))
     ds = ds.map_batches(validate_vqa, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(storage=storage))
+    # Shape buckets: a whole block (a file or row group) sorted by question length before it is cut into batches.
+    ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS)
     return _common_tail(ds, spec, task, worker_cls or VQAWorker, root, storage, run_id)
 

@@ -33,3 +33,14 @@ def test_write_stage_keeps_one_row_per_id(tmp_path):
     assert summary == [dict(file=summary[0]["file"], rows=2, errors=0, committed=True)]
     assert read_output(Storage(), str(tmp_path)).column("id").to_pylist() == ["a", "b"]
     assert write_and_commit(t2i_rows([])[:0], "t2i", str(tmp_path), Storage(), "run").num_rows == 0
+
+
+def test_vqa_blocks_are_bucketed_by_question_length():
+    import pyarrow as pa
+
+    from scheduler.pipeline import bucket_by_question_length
+
+    table = pa.table({"id": ["a", "b", "c", "d"], "question": ["a long question here?", None, "hi?", "medium one?"]})
+    out = bucket_by_question_length(table)
+    assert out.column("id").to_pylist() == ["c", "d", "a", "b"]  # shortest first, the error row (no question) last
+    assert out.num_rows == table.num_rows
