@@ -82,12 +82,15 @@ class StorageSpec(_Frozen):
 
 class SpecializationSpec(_Frozen):
     t2i: str | None = Field(None, description=(
-        "FlashU generation artifact folder (from `flashu-batch specialize --task t2i`) or None for the exact "
-        "baseline. The specialist is ~2x faster per image but approximates the baseline; its step count and "
-        "guidance schedule come from the artifact."))
+        "FlashU generation artifact folder (from `flashu-batch specialize --task t2i`), 'on_start', or None for "
+        "the exact baseline. The specialist is ~2x faster per image but approximates the baseline; its step count "
+        "and guidance schedule come from the artifact. 'on_start': every worker calibrates at load (deterministic, "
+        "so all actors agree) - no artifact to manage, but each actor pays the calibration; run `specialize` once "
+        "for large pools."))
     vqa: str | None = Field(None, description=(
-        "FlashU understanding artifact folder (`flashu-batch specialize --task vqa`) or None for the exact "
-        "baseline. About half the FLOPs per answer, at the cost of answers that may differ from the baseline's."))
+        "FlashU understanding artifact folder (`flashu-batch specialize --task vqa`), 'on_start' (each worker "
+        "calibrates at load, as for t2i), or None for the exact baseline. About half the FLOPs per answer, at the "
+        "cost of answers that may differ from the baseline's."))
 
 
 class ModelSpec(_Frozen):
@@ -317,7 +320,7 @@ def _resolve_paths(raw: dict, base: str) -> dict:
         spec = model.get("specialization")
         if isinstance(spec, dict):
             for key, value in spec.items():
-                if isinstance(value, str):
+                if isinstance(value, str) and value != "on_start":  # the keyword, not a path
                     spec[key] = _resolve(value, base)
     for task in raw.get("tasks") or []:
         if not isinstance(task, dict):

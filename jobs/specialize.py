@@ -177,3 +177,24 @@ def run_report(checkpoint: str, out: str, tokenizer_path: str | None = None, vae
                                           pad_id=pipe.tokens.pad), last_token_only=True)
     return write_report(out, gen_scores, und_scores, gen_importance, und_importance, gen_config.ffn_prune_ratio,
                         gen_config.ffn_width_multiple, os.path.basename(os.path.normpath(checkpoint)))
+
+
+def specialize_pipeline(pipe, task: str):
+    """Calibrate a loaded pipeline's model in place for `task` with the default knobs and the built-in calibration
+    set -> the specialist (what `model.specialization.<task>: on_start` runs in each worker)."""
+    from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+
+    if task == "t2i":
+        from flashu.generation import CALIBRATION_PROMPTS, calibrate_generation, specialize_generation
+
+        config = FlashUGenerationConfig()
+        prompt_ids = pipe.encode_prompts(list(CALIBRATION_PROMPTS), pipe.model.config.default_max_seq_len,
+                                         truncate=True)
+        return specialize_generation(pipe.model, calibrate_generation(pipe.model, prompt_ids, pipe.tokens, config),
+                                     config)
+    from flashu.understanding import calibrate_understanding, specialize_understanding
+
+    config = FlashUUnderstandingConfig()
+    rows, latents = vqa_calibration_set(pipe, config, None)
+    return specialize_understanding(pipe.model, calibrate_understanding(pipe.model, rows, latents, pipe.tokens.pad),
+                                    config)

@@ -99,6 +99,9 @@ def local_path(uri: str, storage: Storage) -> str:
     return fetch_prefix(uri, s3_client=storage.s3_client())
 
 
+SPECIALIZE_ON_START = "on_start"  # model.specialization.<task>: calibrate in the worker instead of an artifact
+
+
 def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
     """(Showo2Pipeline, specialist or None) for a task kind ("t2i" | "vqa"): the base model, or the FlashU
     specialist's reordered model when the spec names an artifact (loaded once, never both)."""
@@ -115,10 +118,14 @@ def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
     device, dtype = resolve_device(model, gpus), getattr(torch, model.dtype)
     folder = local_path(model.checkpoint, storage)
     artifact = getattr(model.specialization, kind)
-    if artifact is None:
+    if artifact is None or artifact == SPECIALIZE_ON_START:
         pipe = Showo2Pipeline.from_pretrained(folder, dtype=dtype, device=device, vae_path=model.vae_path,
                                               tokenizer_path=model.tokenizer_path)
-        return pipe, None
+        if artifact is None:
+            return pipe, None
+        from jobs.specialize import specialize_pipeline
+
+        return pipe, specialize_pipeline(pipe, kind)  # deterministic: every actor gets the same specialist
     from flashu.artifact import load_generation_specialist, load_understanding_specialist
 
     load = load_generation_specialist if kind == "t2i" else load_understanding_specialist

@@ -89,3 +89,20 @@ def test_workers_run_their_specialists(checkpoint, artifacts):
     out = vqa(batch(["a"], ["what color"], [png_bytes()]))
     assert out["error"][0] is None and isinstance(out["answer"][0], str)
     assert json.loads(out["model"][0])["flashu"]["calibration_samples"] == 2
+
+
+def test_specialize_on_start_calibrates_in_the_worker(checkpoint):
+    """`specialization: on_start`: no artifact; each worker calibrates at load, deterministically."""
+    raw = spec_dict("job-o", checkpoint, [dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"),
+                                               output="out")])
+    raw["model"]["specialization"] = dict(t2i="on_start")
+    spec = parse_spec(raw)
+    assert spec.model.specialization.t2i == "on_start"  # not resolved as a path
+    first, second = T2IWorker(spec, "t2i"), T2IWorker(spec, "t2i")
+    assert first.specialist is not None and first.specialist.ffn_widths == second.specialist.ffn_widths
+    rows = {"id": np.array(["a"], dtype=object), "prompt": np.array(["a red circle"], dtype=object),
+            "seed": np.array([1]), "error": np.array([None], dtype=object)}
+    out_first, out_second = first(rows), second(rows)
+    assert out_first["error"][0] is None
+    assert out_first["image_bytes"][0] == out_second["image_bytes"][0]  # both actors made the same specialist
+    assert json.loads(out_first["model"][0])["steps"] == 35
