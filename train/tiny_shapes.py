@@ -7,7 +7,8 @@ Three stages, all in one process:
 
 1. Data: N_SCENES training-split scenes (never a held-out (color, shape, position) triple), rendered at 64x64.
 2. VAE: the Wan2.1 VAE architecture (`showo2.vae.WanVAE`) at width 8 with one residual block per stage and 8
-   latent channels, trained as a VAE (MSE + a small KL) on those images. Its latents_mean / latents_std are then
+   latent channels, trained as a VAE (edge-weighted MSE + L1, a small KL, and the first 3 latent channels held to
+   each cell's mean colour) on those images. Its latents_mean / latents_std are then
    set to the per-channel statistics of the training latents (posterior means), so normalised latents are ~N(0, 1).
 3. Show-o2: the same modules as the release at small width/depth (`model_config`: 8 LLM layers of width 128, 2
    semantic layers, 2 flow-head layers; 4x4 = 16 image tokens of an 8x8x8 latent, patch 2), a byte-level tokenizer
@@ -24,12 +25,17 @@ arguments, seed, losses and wall time) in the same folder; weights are stored in
 `python -m bench.quality --model <folder>` scores it.
 """
 
-import argparse
+import os
+
+# Before torch loads OpenMP: threads that yield while waiting, instead of spinning, keep a shared 2-core machine
+# from slowing to a crawl when another process runs at the same time (10x seen with the default policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -61,7 +67,14 @@ class TrainArgs:
     vae_lr: float = 3e-3
     kl_weight: float = 1e-4
     edge_weight: float = 4.0
+    color_weight: float = 0.1
+    vae_shift: int = 24  # translation augmentation range in pixels
     # Show-o2
+    width: int = 128
+    layers: int = 8
+    ffn: int = 384
+    head_ffn: int = 256
+    head_layers: int = 2
     steps: int = 3000
     t2i_batch: int = 16
     vqa_batch: int = 16
@@ -72,6 +85,7 @@ class TrainArgs:
     cfg_drop: float = 0.1
     vqa_weight: float = 1.0
     time_shift: float = 3.0
+    ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
     bf16: int = 1  # bfloat16 autocast for the Show-o2 matmuls (weights and optimizer stay float32)
     log_every: int = 50
 
@@ -82,19 +96,21 @@ def vae_config(latents_mean=(0.0,) * Z_DIM, latents_std=(1.0,) * Z_DIM) -> VAECo
                      latents_std=tuple(latents_std))
 
 
-def model_config(vocab_size: int) -> Showo2Config:
+def model_config(vocab_size: int, width: int = 128, layers: int = 8, ffn: int = 384, head_ffn: int = 256,
+                 head_layers: int = 2) -> Showo2Config:
     """The tiny-shapes Show-o2: the "tiny" preset made deeper and wider (8 LLM layers, so that layer skipping and
-    pruning have room), 64x64 pixels -> 8x8x8 latent -> 4x4 = 16 image tokens (patch 2)."""
-    llm = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+    pruning have room), 64x64 pixels -> 8x8x8 latent -> 4x4 = 16 image tokens (patch 2). 4 query / 2 key-value
+    heads everywhere; the flow head has the LLM's width."""
+    llm = dict(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
                vocab_size=vocab_size, tie_word_embeddings=True, hidden_act="silu")
     siglip = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, image_size=56, patch_size=14)
-    head = FlowHeadConfig(hidden_size=128, head_dim=32, intermediate_size=256, num_attention_heads=4,
+    head = FlowHeadConfig(hidden_size=width, head_dim=width // 4, intermediate_size=head_ffn, num_attention_heads=4,
                           num_key_value_heads=2)
-    return Showo2Config(llm=llm, siglip=siglip, llm_vocab_size=vocab_size, hidden_size=128, clip_latent_dim=64,
+    return Showo2Config(llm=llm, siglip=siglip, llm_vocab_size=vocab_size, hidden_size=width, clip_latent_dim=64,
                         image_latent_dim=Z_DIM, image_latent_height=4, image_latent_width=4, patch_size=2,
-                        num_diffusion_layers=2, head=head)
+                        num_diffusion_layers=head_layers, head=head)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
@@ -122,30 +138,56 @@ def edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
     return 1 + edge_weight * F.max_pool2d(edges, 3, 1, 1).clamp(max=1)
 
 
-def train_vae(images_u8: torch.Tensor, args: TrainArgs, log) -> WanVAE:
-    """VAE objective on the posterior sample: edge-weighted (MSE + L1 / 2) reconstruction + kl_weight * KL."""
+def shift_augment(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Half the images moved by up to max_shift pixels in x and y (background fill). The VAE then sees every
+    colour and shape at every place, so it decodes the held-out (colour, shape, position) triples as well as the
+    training ones although it is trained on training-split images only."""
+    if max_shift <= 0:
+        return x
+    B, _, H, W = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    shifts = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=g)
+    keep = torch.rand(B, generator=g) < 0.5
+    out = []
+    for i in range(B):
+        dy, dx = (0, 0) if keep[i] else shifts[i].tolist()
+        out.append(padded[i, :, max_shift + dy:max_shift + dy + H, max_shift + dx:max_shift + dx + W])
+    return torch.stack(out)
+
+
+def train_vae(images_u8: torch.Tensor, args: TrainArgs, log, rank: int = 0, procs: int = 1) -> WanVAE:
+    """VAE objective on the posterior sample: edge-weighted (MSE + L1 / 2) reconstruction + kl_weight * KL
+    + color_weight * (first 3 latent channels vs the cells' mean colour), on shift-augmented training images."""
     torch.manual_seed(args.seed)
     vae = WanVAE(vae_config()).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    broadcast_weights(vae, procs)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 1 + 1000 * rank)
     start = time.perf_counter()
     for step in range(args.vae_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 50, floor=0.0)
-        x = to_pixels(images_u8[torch.randint(0, len(images_u8), (args.vae_batch,), generator=g)])
+        x = shift_augment(to_pixels(images_u8[torch.randint(0, len(images_u8), (args.vae_batch // procs,),
+                                                            generator=g)]), args.vae_shift, g)
         mu, logvar = vae.conv1(vae.encoder(x)).chunk(2, dim=1)
         logvar = logvar.clamp(-20.0, 5.0)
         z = mu + torch.randn(mu.shape, generator=g) * torch.exp(0.5 * logvar)
         err = vae.decoder(vae.conv2(z)) - x
         rec_loss = (edge_weights(x, args.edge_weight) * (err.pow(2) + 0.5 * err.abs())).mean()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        loss = rec_loss + args.kl_weight * kl
+        # Colour in plain sight: the first 3 latent channels of a cell hold its mean RGB (0 on the background),
+        # so colour is a large, linear part of the latent the Show-o2 model reads and writes (without this the
+        # encoder hides it in small differences that the model learns to read and draw only slowly).
+        color = F.mse_loss(mu[:, :3], F.avg_pool2d(x, vae.config.spatial_factor) + 1.0)
+        loss = rec_loss + args.kl_weight * kl + args.color_weight * color
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        sync_gradients(params, procs)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % (2 * args.log_every) == 0 or step == args.vae_steps - 1:
-            log(f"vae step {step:5d}  rec {rec_loss.item():.4f}  kl {kl.item():.3f}  "
+            log(f"vae step {step:5d}  rec {rec_loss.item():.4f}  kl {kl.item():.3f}  color {color.item():.4f}  "
                 f"{time.perf_counter() - start:.0f}s")
     return vae.eval().requires_grad_(False)
 
@@ -192,6 +234,9 @@ class Batcher:
         self.rng = random.Random(seed)
         self.cache: dict[str, list[int]] = {}
         self.qa = [world.questions(s) for s in scenes]  # the "no" question is re-drawn per use below
+        by_count = [torch.tensor([i for i, s in enumerate(scenes) if len(s.objects) == k]) for k in (1, 2, 3)]
+        self.buckets = [b for b in by_count if len(b)]
+        self.bucket_weights = torch.tensor([float(len(b)) for b in self.buckets])
         self.layout_pieces = {}
         for layout in ("demo", "training"):
             text_a, _, role_b = vqa_prompt_ids(tokenizer, tokens, "x", layout)
@@ -205,7 +250,10 @@ class Batcher:
     def t2i(self, index: list[int], cfg_drop: float) -> Sequences:
         prompts = [[] if self.rng.random() < cfg_drop else self.encode(self.scenes[i].caption) for i in index]
         max_seq_len = max(len(p) for p in prompts) + self.S + 4
-        return t2i_sequences(prompts, self.tokens, self.S, max_seq_len, with_uncond=False)
+        seqs = t2i_sequences(prompts, self.tokens, self.S, max_seq_len, with_uncond=False)
+        # Image queries never see the positions after their image (<|vision_end|>, <|im_end|>, pads): cut them.
+        end = int((seqs.image_offsets + self.S).max())
+        return Sequences(seqs.input_ids[:, :end], seqs.image_offsets, seqs.modality_positions)
 
     def vqa(self, index: list[int], turns: int = 1) -> tuple[Sequences, torch.Tensor]:
         """Rows [prompt | answer | eos] (+ turns - 1 further chat turns [user q eos assistant | answer | eos]),
@@ -266,13 +314,18 @@ def vqa_loss(model: Showo2, seqs: Sequences, labels: torch.Tensor, latents: torc
 
 
 def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: TrainArgs, log, on_checkpoint=None,
-                 checkpoint_every: int = 0) -> dict:
+                 checkpoint_every: int = 0, rank: int = 0, procs: int = 1):
+    """Joint training; returns the training statistics and the model to ship: the exponential moving average of
+    the weights (decay args.ema, warmed up) when args.ema > 0, else the trained model itself."""
     model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()] if ema is not None else []
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(args.seed + 2)
+    g = torch.Generator().manual_seed(args.seed + 2 + 1000 * rank)
     N = len(latents)
     start = time.perf_counter()
     history = []
@@ -280,8 +333,10 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup)
-        idx_t = torch.randint(0, N, (args.t2i_batch,), generator=g)
-        idx_v = torch.randint(0, N, (args.vqa_batch,), generator=g)
+        # T2I rows of one batch have the same number of objects, so their captions (and rows) have similar lengths
+        bucket = batcher.buckets[int(torch.multinomial(batcher.bucket_weights, 1, generator=g))]
+        idx_t = bucket[torch.randint(0, len(bucket), (args.t2i_batch // procs,), generator=g)]
+        idx_v = torch.randint(0, N, (args.vqa_batch // procs,), generator=g)
         zero = torch.zeros(())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
@@ -290,8 +345,12 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         loss = fm + args.vqa_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sync_gradients(params, procs)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - min(args.ema, (1 + step) / (10 + step)))
         fm_avg = fm.item() if fm_avg is None else 0.95 * fm_avg + 0.05 * fm.item()
         ce_avg = ce.item() if ce_avg is None else 0.95 * ce_avg + 0.05 * ce.item()
         if step % args.log_every == 0 or step == args.steps - 1:
@@ -301,10 +360,10 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
                 and step + 1 < args.steps:
             model.eval()
-            on_checkpoint(step + 1)
+            on_checkpoint(step + 1, ema if ema is not None else model)
             model.train()
     model.eval().requires_grad_(False)
-    return dict(final_fm=fm_avg, final_ce=ce_avg, history=history)
+    return dict(final_fm=fm_avg, final_ce=ce_avg, history=history), (ema if ema is not None else model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,31 +384,51 @@ def build_world_tokenizer():
     return build_tokenizer(list(world.WORDS))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tiny_shapes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="showo2/checkpoints/tiny-shapes", help="checkpoint folder to write")
-    parser.add_argument("--fp32", action="store_true", help="store float32 weights (default bfloat16)")
-    parser.add_argument("--vae-from", default=None,
-                        help="skip VAE training: load these VAE weights (a Wan2.1_VAE.pth of this architecture)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--save-every", type=int, default=0,
-                        help="also write intermediate checkpoints to <out>/step-<n> every n steps (experiments)")
-    for f in dataclasses.fields(TrainArgs):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    ns = parser.parse_args(argv)
-    args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    t_start = time.perf_counter()
+def sync_gradients(params: list, procs: int) -> None:
+    """Average the gradients over the worker processes (one all-reduce of one flat buffer)."""
+    if procs == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= procs
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
 
-    c_start = time.process_time()
+
+def broadcast_weights(module: torch.nn.Module, procs: int) -> None:
+    """Rank 0's weights in every process (they are built from the same seed already; this makes it certain)."""
+    if procs > 1:
+        for t in module.state_dict().values():
+            torch.distributed.broadcast(t, 0)
+
+
+def gather_rows(x: torch.Tensor, n: int, procs: int) -> torch.Tensor:
+    """Each rank holds its contiguous share (torch.tensor_split order) of n rows -> all n rows on every rank."""
+    if procs == 1:
+        return x
+    size = -(-n // procs)
+    padded = torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in range(procs)]
+    torch.distributed.all_gather(parts, padded)
+    sizes = [len(c) for c in torch.tensor_split(torch.arange(n), procs)]
+    return torch.cat([part[:k] for part, k in zip(parts, sizes)])
+
+
+def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArgs, argv) -> None:
+    """One worker process (rank of procs, one thread each): data, VAE, Show-o2; rank 0 logs and writes."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    if procs > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=procs)
+    t_start, c_start = time.perf_counter(), time.process_time()
 
     def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s wall {time.process_time() - c_start:7.1f}s cpu] {msg}", flush=True)
+        if rank == 0:
+            print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(args.seed)
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, args {dataclasses.asdict(args)}")
+    log(f"torch {torch.__version__}, {procs} processes x 1 thread, args {dataclasses.asdict(args)}")
     scenes = world.sample_scenes("train", args.n_scenes, args.seed)
     images = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes]))  # (N, 64, 64, 3) uint8
     log(f"rendered {len(scenes)} training scenes")
@@ -359,34 +438,78 @@ def main(argv=None) -> int:
         vae.load_state_dict({k: v.float() for k, v in torch.load(ns.vae_from, weights_only=True).items()})
         vae = vae.eval().requires_grad_(False)
     else:
-        vae = train_vae(images, args, log)
-    mu = posterior_means(vae, images)
+        vae = train_vae(images, args, log, rank, procs)
+    share = torch.tensor_split(images, procs)[rank]
+    mu = gather_rows(posterior_means(vae, share), len(images), procs)
     vae, latents = normalised_vae(vae, mu)
     log(f"vae done; latent mean {vae.config.latents_mean} std {vae.config.latents_std}")
-    vae_scores = vae_reconstruction_scores(vae)
+    vae_scores = vae_reconstruction_scores(vae) if rank == 0 else {}
     log(f"vae reconstructions of 200 held-out images, checker scores: {vae_scores}")
 
     tokenizer = build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
-    torch.manual_seed(args.seed)
-    model = Showo2(model_config(len(tokenizer)))
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers))
+    broadcast_weights(model, procs)
     log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
-    batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3)
+    batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3 + 1000 * rank)
     dtype = torch.float32 if ns.fp32 else torch.bfloat16
 
-    def intermediate(step: int) -> None:
-        save_checkpoint(os.path.join(ns.out, f"step-{step}"), model, vae, tokenizer, dtype, dict(step=step))
-        log(f"wrote {ns.out}/step-{step}")
+    def intermediate(step: int, weights: Showo2) -> None:
+        if rank == 0:
+            save_checkpoint(os.path.join(ns.out, f"step-{step}"), weights, vae, tokenizer, dtype, dict(step=step))
+            log(f"wrote {ns.out}/step-{step}")
 
-    stats = train_showo2(model, batcher, latents, args, log, intermediate, ns.save_every)
+    stats, model = train_showo2(model, batcher, latents, args, log, intermediate, ns.save_every, rank, procs)
 
-    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
-    meta = dict(command="python -m train.tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv), args=dataclasses.asdict(args),
-                weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
-                threads=torch.get_num_threads(), wall_time_s=round(wall, 1), cpu_time_s=round(cpu, 1), vae_reconstruction=vae_scores, **stats)
-    save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
-    log(f"wrote {ns.out} (wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min over {torch.get_num_threads()} "
-        f"threads)")
+    wall = time.perf_counter() - t_start
+    cpu = torch.tensor([time.process_time() - c_start], dtype=torch.float64)
+    if procs > 1:
+        torch.distributed.all_reduce(cpu)
+    if rank == 0:
+        meta = dict(command="python -m train.tiny_shapes " + " ".join(argv), args=dataclasses.asdict(args),
+                    processes=procs, weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
+                    wall_time_s=round(wall, 1), cpu_time_s=round(float(cpu), 1), vae_reconstruction=vae_scores,
+                    **stats)
+        save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
+        log(f"wrote {ns.out} (wall time {wall / 60:.1f} min, CPU time {float(cpu) / 60:.1f} min in {procs} "
+            f"processes)")
+    if procs > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.tiny_shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="showo2/checkpoints/tiny-shapes", help="checkpoint folder to write")
+    parser.add_argument("--procs", type=int, default=2,
+                        help="worker processes, one thread each, averaging gradients (default 2: one per core; "
+                             "the batches are split between them)")
+    parser.add_argument("--fp32", action="store_true", help="store float32 weights (default bfloat16)")
+    parser.add_argument("--vae-from", default=None,
+                        help="skip VAE training: load these VAE weights (a Wan2.1_VAE.pth of this architecture)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write intermediate checkpoints to <out>/step-<n> every n steps (experiments)")
+    for f in dataclasses.fields(TrainArgs):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = parser.parse_args(argv)
+    args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
+    procs = ns.procs
+    for name in ("vae_batch", "t2i_batch", "vqa_batch"):
+        if getattr(args, name) % procs:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be a multiple of --procs {procs}.")
+    if procs == 1:
+        run(0, 1, 0, ns, args, argv)
+        return 0
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(run, args=(procs, port, ns, args, argv), nprocs=procs, join=True)
     return 0
 
 
