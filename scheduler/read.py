@@ -63,12 +63,15 @@ def plan_reads(storage: Storage, inp: InputSpec) -> list[dict]:
 
 def read_units(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage) -> pa.Table:
     """Ray Data stage: a batch of read units -> canonical rows (ROW_SCHEMAS[kind])."""
-    rows = []
-    for unit in batch.to_pylist():
-        base = unit["uri"].rsplit("/", 1)[0] if "/" in unit["uri"] else "."
-        for position, raw, problem in raw_rows(unit, fmt, columns, storage):
-            rows.append(canonical_row(kind, raw, problem, unit["source"], position, base))
+    rows = [row for unit in batch.to_pylist() for _, row in unit_rows(unit, kind, fmt, columns, storage)]
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMAS[kind])
+
+
+def unit_rows(unit: dict, kind: str, fmt: str, columns: dict, storage: Storage):
+    """Yield (row index in file, canonical row) for one read unit, in file order."""
+    base = unit["uri"].rsplit("/", 1)[0] if "/" in unit["uri"] else "."
+    for position, raw, problem in raw_rows(unit, fmt, columns, storage):
+        yield position, canonical_row(kind, raw, problem, unit["source"], position, base)
 
 
 def raw_rows(unit: dict, fmt: str, columns: dict, storage: Storage):
