@@ -17,10 +17,12 @@ import json
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.ids import HASH, first_occurrences, hash_ids
 from jobs.storage import Storage, join
 
 FORMAT = "flashu-batch-output/1"
@@ -90,13 +92,18 @@ class TaskOutput:
 
     def commits(self) -> list[dict]:
         """Every commit record, each with its own "key"."""
+        return list(self.iter_commits())
+
+    def iter_commits(self, slice_size: int = 256):
+        """The commit records one at a time, read `slice_size` at once: all of them together hold every id of the
+        task, gigabytes as Python strings at millions of rows."""
         listing = [f for f in self.storage.list(join(self.root, "_commits")) if f["uri"].endswith(".json")]
-        records = []
-        for f, data in zip(listing, self.storage.read_many([f["uri"] for f in listing])):
-            record = json.loads(data)
-            record["key"] = f["uri"].rsplit("/", 1)[-1][: -len(".json")]
-            records.append(record)
-        return records
+        for a in range(0, len(listing), slice_size):
+            part = listing[a:a + slice_size]
+            for f, data in zip(part, self.storage.read_many([f["uri"] for f in part])):
+                record = json.loads(data)
+                record["key"] = f["uri"].rsplit("/", 1)[-1][: -len(".json")]
+                yield record
 
     def committed_ids(self) -> set[str]:
         return {i for record in self.commits() for i in record["ids"]}
@@ -110,8 +117,9 @@ class TaskOutput:
     def finalize(self, job_id: str, task_name: str, kind: str, metrics: dict) -> dict:
         """Deduplicate the commits by id, write `_SUCCESS` (the manifest) and `metrics.json`, remove superseded
         and orphaned files. Idempotent: on a clean state it rewrites the same manifest and writes no data file."""
-        # 1. Finish an interrupted earlier finalize: records replaced by a rewrite go away
-        records = self.commits()
+        # 1. Finish an interrupted earlier finalize: records replaced by a rewrite go away. Each record keeps its ids
+        #    as 16-byte hashes (jobs/ids.py), not strings: a task may have millions.
+        records = [dict(r, ids=None, hashes=hash_ids(r["ids"])) for r in self.iter_commits()]
         replaced = {k for r in records for k in r.get("replaces", [])}
         for r in records:
             if r["key"] in replaced:
@@ -128,18 +136,23 @@ class TaskOutput:
 
         # 3. Each id once: larger files first claim their ids; a file with some ids claimed elsewhere is rewritten
         #    without them (new file + record that `replaces` the old one), a file with all of them claimed is dropped
-        claimed: set[str] = set()
-        keep, superseded = [], []
-        for r in sorted(records, key=lambda r: (-r["rows"], r["key"])):
-            fresh = [i for i in r["ids"] if i not in claimed]
-            if len(fresh) == len(r["ids"]):
+        records.sort(key=lambda r: (-r["rows"], r["key"]))
+        claims = np.concatenate([r.pop("hashes") for r in records] or [np.empty(0, HASH)])  # in claiming order
+        order, first = first_occurrences(claims)
+        fresh = np.empty_like(first)
+        fresh[order] = first  # True where the id's first claim is this one
+        del claims, order, first
+        keep, superseded, at = [], [], 0
+        for r in records:
+            mine, at = fresh[at:at + r["rows"]], at + r["rows"]
+            if mine.all():
                 keep.append(r)
-            elif fresh:
-                keep.append(self._rewrite(r, set(fresh)))
+            elif mine.any():
+                ids = json.loads(self.storage.read_bytes(join(self.root, "_commits", f"{r['key']}.json")))["ids"]
+                keep.append(self._rewrite(r, {i for i, m in zip(ids, mine) if m}))
                 superseded.append(r)
             else:
                 superseded.append(r)
-            claimed.update(fresh)
 
         # 4. The manifest, then the metrics, then cleanup (a crash before cleanup is finished by step 1 next time)
         files = sorted(({"file": r["file"], "rows": r["rows"], "errors": r["errors"]} for r in keep),
@@ -149,7 +162,7 @@ class TaskOutput:
                         schema=[f"{field.name}: {field.type}" for field in SCHEMAS[kind]])
         self.storage.write_bytes(join(self.root, "_SUCCESS"), json.dumps(manifest, indent=1).encode())
         metrics = dict(metrics, rows=manifest["rows"], errors=manifest["errors"], files=len(files),
-                       duplicates_removed=sum(len(r["ids"]) for r in records) - manifest["rows"],
+                       duplicates_removed=sum(r["rows"] for r in records) - manifest["rows"],
                        missing_files=len(missing))
         self.storage.write_bytes(join(self.root, "metrics.json"), json.dumps(metrics, indent=1).encode())
         for r in superseded:

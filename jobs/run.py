@@ -30,6 +30,11 @@ def summary_lines(spec: JobSpec, results: dict) -> list[str]:
         lines.append(f"  {name}: {r['rows']} rows ({r['errors']} errors) in {len(r['files'])} files -> {r['output']}; "
                      f"this run {m['rows_this_run']} rows in {m['seconds']:.1f}s ({m['rows_per_s']:.2f} rows/s), "
                      f"{m['skipped']} done before")
+        repeated = m["repeated_ids"]
+        if repeated["rows"]:
+            first = repeated["examples"][0]
+            lines.append(f"    {repeated['rows']} input rows skipped: their id came earlier in the input (first one: "
+                         f"{first['message']}); see metrics.json")
     return lines
 
 

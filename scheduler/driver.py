@@ -6,15 +6,17 @@ neither runs at its best batch size; one at a time also keeps failures, metrics 
 (A cluster much larger than one task can use is better served by submitting one job per task.)
 
 Per task:
-1. Plan the read units and read every id once (pre-pass): duplicates fail the task before any model work, and the
-   ids already committed by an earlier run are known, so the rest is counted (for progress and ETA) and a finished
-   task starts no actor at all.
+1. Plan the read units and read every id once (pre-pass): a repeated id's first row in read order is the one that
+   runs, its later rows are skipped and reported (metrics.json "repeated_ids"); the ids already committed by an
+   earlier run are known, so the rest is counted (for progress and ETA) and a finished task starts no actor at all.
 2. Stream the pipeline (scheduler/pipeline.py); every summary row is one committed file.
-3. Finalize: deduplicate commits by id, write `_SUCCESS` and `metrics.json`, and check that every input id has
-   exactly one committed row.
+3. Finalize: deduplicate commits by id, write `_SUCCESS` and `metrics.json`, and check that every distinct input id
+   has exactly one committed row.
+
+The driver's bookkeeping stays compact at millions of rows: ids are 16-byte hashes in numpy arrays (jobs/ids.py),
+commit records are streamed, and what the pipeline skips is put in the object store once (bench/scale.py).
 """
 
-import collections
 import logging
 import math
 import os
@@ -23,22 +25,28 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from jobs.ids import HASH, find, first_occurrences, hash_ids
 from jobs.output import TaskOutput, task_root
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from scheduler.pipeline import build_t2i_pipeline, build_vqa_pipeline, read_rows
-from scheduler.read import plan_reads
+from scheduler.pipeline import READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, read_id_hashes
+from scheduler.read import plan_reads, unit_rows
+
+REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
 
 
 @dataclass
 class Progress:
     task: str
     done: int          # rows committed by this run
-    total: int         # rows this run has to do (input rows not committed before)
+    total: int         # rows this run has to do (distinct input ids not committed before)
     errors: int        # error rows among `done`
     skipped: int       # rows committed by earlier runs
     elapsed_s: float
     finished: bool = False
+    repeated: int = 0  # input rows skipped because their id came earlier in the input
 
     @property
     def rows_per_s(self) -> float:
@@ -53,8 +61,9 @@ class Progress:
     def line(self) -> str:
         eta = "--" if self.eta_s is None else f"{self.eta_s:.0f}s"
         skipped = f", {self.skipped} done before" if self.skipped else ""
+        repeated = f", {self.repeated} rows with a repeated id skipped" if self.repeated else ""
         return (f"{self.task}: {self.done}/{self.total} rows, {self.errors} errors, {self.rows_per_s:.2f} rows/s, "
-                f"ETA {eta}{skipped}")
+                f"ETA {eta}{skipped}{repeated}")
 
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1
@@ -129,6 +138,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, o
 
 
 def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls=None) -> dict:
+    import ray
+
     name, run_id = task.task_name, uuid.uuid4().hex[:12]
     root = task_root(task.output, spec.job_id, name)
     output = TaskOutput(storage, root)
@@ -136,15 +147,20 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
 
     # 1. Every input id once (the pre-pass), what earlier runs committed, and what is left
     units = plan_reads(storage, task.input)
-    ids = input_ids(units, task, storage)
-    committed = frozenset(output.committed_ids())
-    pending = sum(1 for i in ids if i not in committed)
-    progress = Progress(name, 0, pending, 0, len(ids) - pending, 0.0)
+    ids = scan_ids(units, task, storage)
+    done = committed_mask(output, ids.hashes)
+    skipped = int(done.sum())
+    progress = Progress(name, 0, len(done) - skipped, 0, skipped, 0.0, repeated=len(ids.repeats))
+    repeated_ids = repeats_report(ids, units, task, storage)
 
-    # 2. The pipeline, streamed: one summary row per committed file
-    if pending:
+    # 2. The pipeline, streamed: one summary row per committed file. What it skips goes to the object store once.
+    if progress.total:
+        skip = None
+        if skipped or len(ids.repeats):
+            skip = ray.put(Skip(committed=ids.hashes[done], repeats=ids.repeats, unit_starts=ids.unit_starts))
+        del done
         build = build_t2i_pipeline if task.kind == "t2i" else build_vqa_pipeline
-        ds = build(spec, task, units=units, root=root, storage=storage, committed=committed, run_id=run_id,
+        ds = build(spec, task, units=units, root=root, storage=storage, skip=skip, run_id=run_id,
                    worker_cls=worker_cls)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
@@ -154,36 +170,109 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
                 progress.elapsed_s = time.perf_counter() - start
                 if on_progress:
                     on_progress(replace(progress))  # a snapshot: the callback may keep it
+        del ds, skip
     progress.elapsed_s, progress.finished = time.perf_counter() - start, True
     if on_progress:
         on_progress(replace(progress))
 
-    # 3. Finalize and check the contract: every input id committed exactly once
+    # 3. Finalize and check the contract: every distinct input id committed exactly once
     seconds = round(progress.elapsed_s, 3)
-    metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=len(ids), rows_this_run=progress.done,
-                   errors_this_run=progress.errors, skipped=progress.skipped, seconds=seconds,
+    metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=int(ids.unit_starts[-1]),
+                   repeated_ids=repeated_ids, rows_this_run=progress.done, errors_this_run=progress.errors,
+                   skipped=progress.skipped, seconds=seconds,
                    rows_per_s=round(progress.done / seconds, 4) if seconds else 0.0, run_id=run_id)
     summary = output.finalize(spec.job_id, name, task.kind, metrics)
-    lacking = set(ids) - output.committed_ids()
-    if lacking:
-        raise RuntimeError(f"task {name!r}: {len(lacking)} of {len(ids)} input rows have no committed result (e.g. "
-                           f"{sorted(lacking)[:3]}); run the job again to finish them.")
+    lacking = np.flatnonzero(~committed_mask(output, ids.hashes))
+    if len(lacking):
+        shown = [r["id"] for r in read_back(units, ids.unit_starts, ids.first[lacking[:3]], task, storage)]
+        raise RuntimeError(f"task {name!r}: {len(lacking)} of {len(ids.hashes)} input ids have no committed result "
+                           f"(e.g. {shown}); run the job again to finish them.")
     return dict(summary, output=root)
 
 
-def input_ids(units: list[dict], task, storage: Storage) -> list[str]:
-    """All row ids of the task's input (ids derive from content and position, so this reads the input once).
-    Raises ValueError when an id repeats: exactly-once output needs one row per id."""
-    ids = []
+@dataclass
+class InputIds:
+    """The pre-pass over a task's input: each distinct row id once, as a hash (jobs/ids.py), and where the rows of
+    repeated ids sit. A row's read position is its index over the whole input in read order (read units as
+    planned, then rows in file order): the same in every run over the same input."""
+    hashes: np.ndarray       # (u,) jobs.ids.HASH, sorted: the distinct ids
+    first: np.ndarray        # (u,) int64: read position of each one's first row
+    repeats: np.ndarray      # (r,) int64, sorted: read positions of the rows whose id came earlier
+    examples: list           # [(read position of a repeat, of its id's first row)] for the earliest few repeats
+    unit_starts: np.ndarray  # (units + 1,) int64: read position of each unit's first row, then the row count
+
+
+def scan_ids(units: list[dict], task, storage: Storage) -> InputIds:
+    """The pre-pass: every row id, hashed in the read tasks (16 bytes per row reach the driver, no strings). Reads
+    the input once: derived ids need each row's content."""
+    per_unit = [np.empty(0, HASH)] * len(units)
     if units:
-        ds = read_rows(units, task.kind, task.input, storage).select_columns(["id"])
+        ds = read_id_hashes(units, task.kind, task.input, storage)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids.extend(batch.column("id").to_pylist())
-    counts = collections.Counter(ids)
-    repeated = [(i, n) for i, n in counts.items() if n > 1]
-    if repeated:
-        shown = ", ".join(f"{i!r} x{n}" for i, n in sorted(repeated)[:5])
-        raise ValueError(f"task {task.task_name!r}: {len(repeated)} row ids repeat in the input ({shown}). Ids must "
-                         f"be unique within a task: fix the input's id column, or drop it to derive ids from each "
-                         f"row's content and position.")
-    return ids
+            for unit, blob in zip(batch.column("unit").to_pylist(), batch.column("hashes").to_pylist()):
+                per_unit[unit] = np.frombuffer(blob, HASH)
+    return index_ids(per_unit)
+
+
+def index_ids(per_unit: list[np.ndarray]) -> InputIds:
+    """Each read unit's id hashes, in read order -> InputIds: one sort finds the distinct ids and the repeats. The
+    list is emptied as it is used (one copy of the hashes at a time)."""
+    unit_starts = np.cumsum([0] + [len(h) for h in per_unit], dtype=np.int64)
+    hashes = np.concatenate([np.empty(0, HASH)] + per_unit)
+    per_unit.clear()
+    order, first = first_occurrences(hashes)  # hashes is sorted now
+    later = np.flatnonzero(~first)  # sorted-array indices of the rows whose id came earlier
+    shown = later[np.argsort(order[later], kind="stable")[:REPEAT_EXAMPLES]]  # the earliest of them in read order
+    examples = [(int(order[j]), int(order[np.searchsorted(hashes, hashes[j])])) for j in shown]
+    repeats = np.sort(order[later])
+    if len(later):
+        hashes, order = hashes[first], order[first]
+    return InputIds(hashes, order, repeats, examples, unit_starts)
+
+
+def committed_mask(output: TaskOutput, hashes: np.ndarray) -> np.ndarray:
+    """(u,) bool: which of the ids `hashes` (sorted) have a commit record, streamed record by record (commit records
+    of ids not in the input are ignored)."""
+    done = np.zeros(len(hashes), bool)
+    for record in output.iter_commits():
+        found, index = find(hashes, hash_ids(record["ids"]))
+        done[index[found]] = True
+    return done
+
+
+def read_back(units: list[dict], unit_starts: np.ndarray, positions, task, storage: Storage) -> list[dict]:
+    """[{"id", "source", "row" (index in its file)}] of a few rows given by read position, in the order given. Their
+    units are read again, each once, in one Ray task: a unit can be a whole JSONL file, too big for the driver."""
+    import ray
+
+    where = [(int(np.searchsorted(unit_starts, p, side="right")) - 1, int(p)) for p in positions]
+    wanted = {}  # unit index -> (unit, ordinals of the wanted rows in it)
+    for u, p in where:
+        wanted.setdefault(u, (units[u], set()))[1].add(p - int(unit_starts[u]))
+    found = ray.get(ray.remote(_read_back).options(num_cpus=READ_CPUS).remote(wanted, task.kind, task.input, storage))
+    return [found[u, p - int(unit_starts[u])] for u, p in where]
+
+
+def _read_back(wanted: dict, kind: str, inp, storage: Storage) -> dict:
+    found = {}
+    for u, (unit, ordinals) in wanted.items():
+        for k, (row, canonical) in enumerate(unit_rows(unit, kind, inp.format, dict(inp.columns), storage)):
+            if k in ordinals:
+                found[u, k] = dict(id=canonical["id"], source=unit["source"], row=row)
+            if k >= max(ordinals):
+                break
+    return found
+
+
+def repeats_report(ids: InputIds, units: list[dict], task, storage: Storage) -> dict:
+    """metrics.json's "repeated_ids": how many rows were skipped for an id that came earlier, with the earliest few
+    named (the policy: the first row of an id in read order is the one processed; README)."""
+    report = dict(rows=len(ids.repeats), examples=[])
+    if ids.examples:
+        rows = read_back(units, ids.unit_starts, [p for pair in ids.examples for p in pair], task, storage)
+        for again, first in zip(rows[0::2], rows[1::2]):
+            message = (f"id {again['id']!r} at {again['source']} row {again['row']} (from 0) already came at "
+                       f"{first['source']} row {first['row']}: this row is skipped, the first one is processed")
+            report["examples"].append(dict(again, first_source=first["source"], first_row=first["row"],
+                                           message=message))
+    return report

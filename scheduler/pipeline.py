@@ -1,13 +1,18 @@
 """One Ray Data pipeline per task, built by a plain function that reads the spec and appends stages:
 
-    read units -> canonical rows (ids) -> skip committed ids -> validate/decode (CPU) -> worker pool -> write+commit
+    read units -> canonical rows (ids), less committed and repeated ids -> validate/decode (CPU) -> worker pool
+    -> write+commit
 
 The write is a stage, not a Datasink: each call writes one `data/part-<uuid>.parquet`, creates its commit record
 and returns one small summary row. The driver streams those rows, so progress and metrics come from commits.
 """
 
+from dataclasses import dataclass
+
+import numpy as np
 import pyarrow as pa
 
+from jobs.ids import find, hash_ids
 from jobs.output import SCHEMAS, TaskOutput
 from jobs.spec import InputSpec, JobSpec, T2ITask, VQATask
 from jobs.storage import Storage
@@ -19,20 +24,57 @@ SUMMARY_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("error
 READ_CPUS = 0.25  # CPU stages are light; small shares keep them schedulable beside the actor pool
 
 
-def read_rows(units: list[dict], kind: str, inp: InputSpec, storage: Storage):
-    """Dataset of canonical rows (scheduler/read.py), one Ray task per read unit."""
+@dataclass
+class Skip:
+    """The rows the read stage drops, before any other work: ids committed by an earlier run, and every row whose id
+    came earlier in read order (the repeated-id policy, README). The driver ray.puts it once for all tasks."""
+    committed: np.ndarray    # (c,) jobs.ids.HASH, sorted: the input ids that have a commit record
+    repeats: np.ndarray      # (r,) int64, sorted: read positions of the rows whose id came earlier
+    unit_starts: np.ndarray  # (units + 1,) int64: read position of each unit's first row, then the row count (read
+    #                          order: units as planned, then rows in file order)
+
+    def keep(self, unit: int, ids: list[str]) -> np.ndarray:
+        """(n,) bool over the rows of read unit `unit`, in file order."""
+        committed, _ = find(self.committed, hash_ids(ids))
+        repeated, _ = find(self.repeats, self.unit_starts[unit] + np.arange(len(ids)))
+        return ~(committed | repeated)
+
+
+def read_rows(units: list[dict], kind: str, inp: InputSpec, storage: Storage, skip=None):
+    """Dataset of canonical rows (scheduler/read.py), one Ray task per read unit, less the rows that `skip` (an
+    ObjectRef of a Skip, or None) drops."""
+    return _units_dataset(units).map_batches(
+        read_new_rows, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage, skip=skip))
+
+
+def read_id_hashes(units: list[dict], kind: str, inp: InputSpec, storage: Storage):
+    """The driver's pre-pass: a Dataset of one row per read unit, {"unit": its index in `units`, "hashes": its rows'
+    ids as jobs.ids hashes in file order, 16 bytes each}; the id strings stay in the read tasks."""
+    return _units_dataset(units).map_batches(
+        unit_id_hashes, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage))
+
+
+def _units_dataset(units: list[dict]):
     import ray
 
-    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    return ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-                          fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage))
+    return ray.data.from_items([dict(u, unit=i) for i, u in enumerate(units)], override_num_blocks=max(1, len(units)))
 
 
-def skip_committed(batch: pa.Table, committed: frozenset) -> pa.Table:
-    if not committed:
-        return batch
-    keep = [row_id not in committed for row_id in batch.column("id").to_pylist()]
-    return batch.filter(pa.array(keep, pa.bool_()))
+def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage, skip=None) -> pa.Table:
+    """Read stage: one read unit (batch_size=1) -> its canonical rows, less those `skip` drops."""
+    rows = read_units(batch, kind, fmt, columns, storage)
+    if skip is None:
+        return rows
+    import ray
+
+    return rows.filter(pa.array(ray.get(skip).keep(batch.column("unit")[0].as_py(), rows.column("id").to_pylist())))
+
+
+def unit_id_hashes(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage) -> pa.Table:
+    ids = read_units(batch, kind, fmt, columns, storage).column("id").to_pylist()
+    return pa.table({"unit": batch.column("unit"), "hashes": pa.array([hash_ids(ids).tobytes()], pa.large_binary())})
 
 
 def bucket_by_question_length(batch: pa.Table) -> pa.Table:
@@ -85,23 +127,21 @@ def _common_tail(ds, spec: JobSpec, task, worker_cls, root: str, storage: Storag
 
 
 def build_t2i_pipeline(spec: JobSpec, task: T2ITask, *, units: list[dict], root: str, storage: Storage,
-                       committed: frozenset = frozenset(), run_id: str = "", worker_cls=None):
+                       skip=None, run_id: str = "", worker_cls=None):
     """The t2i task's Dataset of commit summaries (lazy: nothing runs until the driver iterates it)."""
     from workers import T2IWorker
 
-    ds = read_rows(units, "t2i", task.input, storage)
-    ds = ds.map_batches(skip_committed, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(committed=committed))
+    ds = read_rows(units, "t2i", task.input, storage, skip)
     ds = ds.map_batches(validate_t2i, batch_format="pyarrow", num_cpus=READ_CPUS)
     return _common_tail(ds, spec, task, worker_cls or T2IWorker, root, storage, run_id)
 
 
 def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root: str, storage: Storage,
-                       committed: frozenset = frozenset(), run_id: str = "", worker_cls=None):
+                       skip=None, run_id: str = "", worker_cls=None):
     """The vqa task's Dataset of commit summaries; images are fetched and decoded in the CPU stage."""
     from workers import VQAWorker
 
-    ds = read_rows(units, "vqa", task.input, storage)
-    ds = ds.map_batches(skip_committed, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(committed=committed))
+    ds = read_rows(units, "vqa", task.input, storage, skip)
     ds = ds.map_batches(validate_vqa, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(storage=storage))
     # Shape buckets: a whole block (a file or row group) sorted by question length before it is cut into batches.
     ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS)

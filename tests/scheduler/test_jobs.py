@@ -12,6 +12,7 @@ import pytest
 
 from batch_testkit import make_bucket, png_bytes, spec_dict
 from jobs.output import T2I_SCHEMA, VQA_SCHEMA, read_output
+from jobs.run import summary_lines
 from jobs.spec import StorageSpec, parse_spec
 from jobs.storage import Storage, join
 from scheduler.driver import run_job
@@ -175,13 +176,35 @@ def test_a_driver_killed_midway_then_rerun_has_every_id_exactly_once(ray_session
     check_exactly_once(storage, root, 12, run_job(spec))
 
 
-def test_repeated_ids_fail_before_any_model_work(ray_session, checkpoint, tmp_path):
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": "same", "prompt": p}) + "\n" for p in ("a", "b")))
+def test_repeated_ids_the_first_row_runs_later_ones_are_reported_and_a_rerun_agrees(ray_session, checkpoint,
+                                                                                       tmp_path):
+    lines = [{"id": "same", "prompt": "a red circle"}, None, {"id": "other", "prompt": "two cats"},
+             {"id": "same", "prompt": "a blue square"}, {"id": "third", "prompt": "a fox"},
+             {"id": "same", "prompt": ""}]  # None: a blank line (rows keep their line index)
+    (tmp_path / "p.jsonl").write_text("".join((json.dumps(x) if x else "") + "\n" for x in lines))
     spec = job("dupes", checkpoint, dict(t2i=str(tmp_path / "p.jsonl"), vqa=""), str(tmp_path / "out"),
                tasks=("t2i",))
-    with pytest.raises(ValueError, match=r"1 row ids repeat in the input \('same' x2\)"):
-        run_job(spec)
-    assert not os.path.exists(tmp_path / "out" / "dupes" / "t2i" / "data")
+    seen = []
+    results = run_job(spec, on_progress=seen.append)
+    root = results["t2i"]["output"]
+    table = read_output(Storage(), root)
+    assert sorted(table.column("id").to_pylist()) == ["other", "same", "third"]  # rows out == distinct ids in
+    assert {r["id"]: r["prompt"] for r in table.to_pylist()}["same"] == "a red circle"  # the first row, in read order
+    metrics = json.loads((tmp_path / "out" / "dupes" / "t2i" / "metrics.json").read_text())
+    assert metrics["input_rows"] == 5 and metrics["rows"] == 3 and metrics["rows_this_run"] == 3
+    repeated = metrics["repeated_ids"]
+    assert repeated["rows"] == 2 and [(e["row"], e["first_row"]) for e in repeated["examples"]] == [(3, 0), (5, 0)]
+    assert repeated["examples"][0]["message"] == ("id 'same' at p.jsonl row 3 (from 0) already came at p.jsonl row 0: "
+                                                  "this row is skipped, the first one is processed")
+    assert seen[-1].line().endswith(", 2 rows with a repeated id skipped") and seen[-1].total == 3
+    assert "2 input rows skipped: their id came earlier in the input (first one: id 'same' at p.jsonl row 3" in \
+        "\n".join(summary_lines(spec, results))
+
+    before = data_objects(Storage(), root)
+    again = run_job(spec)
+    assert data_objects(Storage(), root) == before  # nothing redone, nothing duplicated
+    assert again["t2i"]["metrics"]["skipped"] == 3 and again["t2i"]["metrics"]["repeated_ids"] == repeated
+    assert read_output(Storage(), root).column("id").to_pylist() == table.column("id").to_pylist()
 
 
 def test_a_bad_spec_fails_before_ray_starts(tmp_path):

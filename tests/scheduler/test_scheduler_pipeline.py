@@ -1,10 +1,12 @@
-"""scheduler/pipeline.py stages without Ray: skip committed ids, the output table, the write stage."""
+"""scheduler/pipeline.py stages without Ray: what the read stage skips, the output table, the write stage."""
 
+import numpy as np
 import pyarrow as pa
 
+from jobs.ids import HASH, hash_ids
 from jobs.output import T2I_SCHEMA, read_output
 from jobs.storage import Storage
-from scheduler.pipeline import skip_committed, to_output_table, write_and_commit
+from scheduler.pipeline import Skip, to_output_table, write_and_commit
 
 
 def t2i_rows(ids) -> pa.Table:
@@ -14,10 +16,13 @@ def t2i_rows(ids) -> pa.Table:
                      "model": ["{}"] * n, "latency_s": [0.5] * n, "error": pa.array([None] * n, pa.string())})
 
 
-def test_skip_committed():
-    table = pa.table({"id": ["a", "b", "c"]})
-    assert skip_committed(table, frozenset({"b"})).column("id").to_pylist() == ["a", "c"]
-    assert skip_committed(table, frozenset()) is table
+def test_skip_drops_committed_ids_and_later_rows_of_repeated_ids():
+    committed = np.sort(hash_ids(["b", "x"]))  # "x" is in another unit
+    skip = Skip(committed=committed, repeats=np.array([4, 6]), unit_starts=np.array([0, 3, 7]))
+    assert skip.keep(0, ["a", "b", "c"]).tolist() == [True, False, True]
+    assert skip.keep(1, ["d", "a", "e", "a"]).tolist() == [True, False, True, False]  # read positions 4 and 6
+    nothing = Skip(np.empty(0, HASH), np.empty(0, np.int64), np.array([0, 2]))
+    assert nothing.keep(0, ["a", "b"]).tolist() == [True, True]
 
 
 def test_output_table_has_the_documented_schema_and_image_struct():
