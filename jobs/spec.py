@@ -26,6 +26,9 @@ T2I_COLUMNS = {"id": "row id (optional; derived from the row's content and posit
 VQA_COLUMNS = {"id": "row id (optional; derived from the row's content and position when absent)",
                "question": "the question (non-empty string)",
                "image": "the image: bytes, a datasets Image struct {bytes, path}, or a URI (local path or s3://)"}
+# Image limits (VQAParams): 8000 x 8000 pixels (192 MB decoded as RGB), 64 MiB encoded. Pillow itself refuses
+# images over twice its MAX_IMAGE_PIXELS, so a larger pixel limit could not take effect.
+MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES, PILLOW_PIXEL_CEILING = 64_000_000, 64 * 2**20, 2 * 89_478_485
 
 
 class SpecError(ValueError):
@@ -38,6 +41,26 @@ class _Frozen(BaseModel):
 
 def _is_uri(value: str) -> bool:
     return value.startswith("s3://") or "://" not in value
+
+
+def _prefix_problem(value: str) -> str | None:
+    """Why an output location is refused, or None. A '..' could climb out of the prefix it seems to be under; '.'
+    and empty segments are mistakes (an S3 key keeps them literally, a filesystem drops them), usually a template
+    with an empty part. A leading './', a leading '/' and a trailing '/' are fine."""
+    if not value or not _is_uri(value):
+        return "expected a local path or an s3://bucket/prefix URI"
+    path = value[len("s3://"):] if value.startswith("s3://") else value.removeprefix("./").lstrip("/")
+    segments = path.rstrip("/").split("/")
+    for bad, what in (("..", "a '..' segment"), (".", "a '.' segment"), ("", "an empty segment ('//')")):
+        if bad in segments:
+            return f"it has {what}; write the location out plainly (no '..', '.' or '//')"
+    return None
+
+
+def _under(location: str, prefix: str) -> bool:
+    """Whether `location` is `prefix` or inside it, segment by segment (s3://b/pre does not hold s3://b/prefix)."""
+    location, prefix = location.rstrip("/"), prefix.rstrip("/")
+    return location == prefix or location.startswith(prefix + "/")
 
 
 class StorageSpec(_Frozen):
@@ -59,6 +82,10 @@ class StorageSpec(_Frozen):
         "HEAD-then-PUT on a server that refuses it; 'always' fails instead (strict); 'never' skips the attempt (for "
         "servers that silently ignore the header). The fallback is safe: a commit record's key is derived from the "
         "ids it commits, so a lost race at worst leaves an orphan data file, never a duplicate row."))
+    allowed_outputs: list[str] | None = Field(None, description=(
+        "Output prefixes tasks may write under (s3://bucket/prefix/ or local folders, matched segment by segment); "
+        "a task output outside all of them is refused when the spec is read. None allows any output. Set it in a "
+        "shared cluster's spec template so a typo or a copied spec cannot write into someone else's bucket."))
 
     @model_validator(mode="before")
     @classmethod
@@ -71,9 +98,21 @@ class StorageSpec(_Frozen):
                                  f"AWS_SESSION_TOKEN) in the environment of the driver and the Ray workers instead.")
         return data
 
+    @field_validator("allowed_outputs")
+    @classmethod
+    def _allowed(cls, v):
+        for prefix in v or []:
+            problem = _prefix_problem(prefix)
+            if problem:
+                raise ValueError(f"got {prefix!r}; {problem}.")
+        return v
+
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v):
+        if v is not None and "@" in v:  # not echoed: user:password@host holds a secret
+            raise ValueError("holds a user:password@ part; credentials are never read from a spec. Give the bare "
+                             "URL here and the credentials in the AWS environment (AWS_ACCESS_KEY_ID, ...).")
         if v is not None and not re.match(r"^https?://[^/\s]+/?$", v):
             raise ValueError(f"got {v!r}; expected a full URL with scheme and host, such as "
                              f"'http://127.0.0.1:9000' or 'https://s3.eu-west-1.amazonaws.com' (no path).")
@@ -155,9 +194,10 @@ class T2IParams(_Frozen):
     seed_policy: Literal["row", "hash"] = Field("row", description=(
         "'row': a row's own `seed` when given, else a hash of job_id and row id; 'hash': always the hash. Both make "
         "a re-run reproduce the same image for the same row; 'row' lets callers pin seeds across jobs."))
-    truncate: bool = Field(True, description=(
-        "Cut prompts longer than the sequence holds, as the official code does (True), or return them as error "
-        "rows (False) so no image silently ignores the end of its prompt."))
+    truncate: bool = Field(False, description=(
+        "False: a prompt longer than the model's sequence holds (its token limit: max_seq_len less the image slots "
+        "and 4 markers) is an error row naming its token count and the limit, so no image silently ignores the end "
+        "of its prompt. True: cut it to the limit, as the official code does."))
 
 
 class VQAParams(_Frozen):
@@ -167,6 +207,15 @@ class VQAParams(_Frozen):
     layout: Literal["demo", "training"] = Field("demo", description=(
         "'demo': the prompt layout of the official inference script (matches published answers); 'training': "
         "the layout the model was trained on."))
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=PILLOW_PIXEL_CEILING, description=(
+        "Largest image (width x height, read from the file header before decoding) a row may hold; larger ones are "
+        "error rows. Guards against decompression bombs (a few KB of PNG that decode to gigabytes): decoding costs "
+        "3 bytes a pixel in the CPU stage, and the model sees every image resized to its own resolution anyway. "
+        "Raise it for very high resolution scans; at most Pillow's own ceiling (178956970)."))
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1, le=2**31, description=(
+        "Largest encoded image (bytes) a row may hold; larger ones are error rows, refused before they are opened "
+        "(a URI's size comes from the file system or the S3 response headers, so it is never downloaded). Every "
+        "image is held in memory in the CPU stage, so this bounds its memory per row."))
 
 
 class ResourcesSpec(_Frozen):
@@ -185,6 +234,22 @@ class ResourcesSpec(_Frozen):
     batch_timeout_s: float | None = Field(None, gt=0, description=(
         "Wall-clock limit per batch; rows of a batch past it come back as error rows (T2I stops at the next "
         "step, VQA finishes in the background). None: no limit. Too tight a limit turns slow batches into errors."))
+    custom: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources per actor, e.g. {t2i: 1}: the pool then runs only on nodes that advertise them "
+        "(ray_cluster.yaml gives each GPU node type its task's resource), so an autoscaling cluster starts the "
+        "node type the task needs and a t2i pool never holds a vqa node. Empty (the default): any node with the "
+        "GPUs and CPUs. A local Ray has no custom resources: a spec that asks for them runs only on a cluster."))
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v):
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not re.match(r"^[A-Za-z0-9_.:/-]+$", name):
+                raise ValueError(f"got resource name {name!r}; expected a custom resource name (letters, digits, "
+                                 f"'_.:/-') other than CPU, GPU, memory (use cpus_per_worker / gpus_per_worker).")
+            if not (0 < amount <= 1 or (amount > 1 and amount == int(amount))):  # Ray's rule for quantities
+                raise ValueError(f"{name}: got {amount:g}; expected a fraction in (0, 1] or a whole number.")
+        return v
 
 
 class _TaskBase(_Frozen):
@@ -203,8 +268,9 @@ class _TaskBase(_Frozen):
     @field_validator("output")
     @classmethod
     def _output(cls, v):
-        if not v or not _is_uri(v):
-            raise ValueError(f"got {v!r}; expected a local path or an s3://bucket/prefix URI.")
+        problem = _prefix_problem(v)
+        if problem:
+            raise ValueError(f"got {v!r}; {problem}.")
         return v
 
     @property
@@ -257,12 +323,23 @@ class JobSpec(_Frozen):
         if dupes:
             raise ValueError(f"tasks: output names {dupes} repeat; give tasks of the same kind distinct `name`s "
                              f"(each writes <output>/<job_id>/<name>/).")
+        allowed = self.storage.allowed_outputs
         for i, task in enumerate(self.tasks):
+            if allowed is not None and not any(_under(task.output, prefix) for prefix in allowed):
+                raise ValueError(f"tasks[{i}].output: got {task.output!r}, which is outside storage.allowed_outputs "
+                                 f"{allowed}; write under one of those prefixes, or add this one to the list.")
             if task.kind == "t2i" and self.model.specialization.t2i and task.params.steps is not None:
                 raise ValueError(f"tasks[{i}].params.steps: got {task.params.steps} with a FlashU t2i specialist, "
                                  f"whose plan fixes the step count; remove steps (the artifact's is used) or drop "
                                  f"model.specialization.t2i.")
         return self
+
+    def locations(self) -> list[str]:
+        """Every file, folder or prefix the job reads or writes (the checkpoint, artifacts, inputs, outputs)."""
+        artifacts = [a for a in (self.model.specialization.t2i, self.model.specialization.vqa)
+                     if a and a != "on_start"]
+        return [self.model.checkpoint, *artifacts, *(u for t in self.tasks for u in t.input.uris),
+                *(t.output for t in self.tasks)]
 
     def task(self, name: str):
         for task in self.tasks:
@@ -303,9 +380,12 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid job spec:\n  " + "\n  ".join(lines)
 
 
-def _resolve(path: str | None, base: str) -> str | None:
+def _resolve(path: str | None, base: str, normalize: bool = True) -> str | None:
+    """normalize=False keeps '..' and '.' segments for the validators to refuse (outputs: see _prefix_problem)."""
     if path is None or "://" in path or os.path.isabs(path):
         return path  # URIs are left for the validators to judge
+    if not normalize:
+        return os.path.join(base, os.path.expanduser(path.removeprefix("./")))
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
@@ -322,11 +402,15 @@ def _resolve_paths(raw: dict, base: str) -> dict:
             for key, value in spec.items():
                 if isinstance(value, str) and value != "on_start":  # the keyword, not a path
                     spec[key] = _resolve(value, base)
+    storage = raw.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("allowed_outputs"), list):
+        storage["allowed_outputs"] = [_resolve(p, base, normalize=False) if isinstance(p, str) and p else p
+                                      for p in storage["allowed_outputs"]]
     for task in raw.get("tasks") or []:
         if not isinstance(task, dict):
             continue
         if isinstance(task.get("output"), str) and task["output"]:
-            task["output"] = _resolve(task["output"], base)
+            task["output"] = _resolve(task["output"], base, normalize=False)
         inp = task.get("input")
         if isinstance(inp, dict):
             uris = inp.get("uris")

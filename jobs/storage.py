@@ -21,6 +21,25 @@ from jobs.spec import StorageSpec
 
 # Error codes of servers that do not implement conditional writes (as opposed to "the object exists": 412).
 _NO_CONDITIONAL_PUT = {"NotImplemented", "InvalidArgument", "InvalidRequest", "501"}
+# Timeouts and retries, chosen rather than inherited: boto3 waits 60 s per connection attempt by default, so a dead
+# endpoint would stall a job for minutes. A reachable store accepts a connection in well under CONNECT_TIMEOUT_S;
+# READ_TIMEOUT_S bounds a stalled transfer; ATTEMPTS rides out a brief outage without hiding a dead endpoint.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+ATTEMPTS = 4
+PROBE_TIMEOUT_S, PROBE_ATTEMPTS = 3.0, 2  # the up-front reachability check: fail in seconds, not minutes
+
+
+class ObjectTooLarge(ValueError):
+    """read_bytes refused an object over its max_bytes (without downloading it)."""
+
+    def __init__(self, uri: str, size: int, max_bytes: int):
+        super().__init__(f"{uri} is {size} bytes, over the {max_bytes}-byte limit")
+        self.size = size
+
+
+class StorageUnreachable(RuntimeError):
+    """The S3 endpoint a job needs does not answer; raised before any work (see Storage.check_reachable)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -40,6 +59,12 @@ def split_s3(uri: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"Expected an s3://bucket/key URI, got {uri!r}.")
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _without_userinfo(url: str) -> str:
+    """An endpoint URL fit for a message: a user:password@ part (from AWS_ENDPOINT_URL) is never shown."""
+    parsed = urlparse(url)
+    return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()
 
 
 class Storage:
@@ -70,11 +95,15 @@ class Storage:
             import boto3
             from botocore.config import Config
 
-            style = {None: "auto", True: "path", False: "virtual"}[self.settings.path_style]
             self._s3 = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                config=Config(s3={"addressing_style": style}, retries={"mode": "standard", "max_attempts": 5}))
+                config=Config(s3={"addressing_style": self._addressing_style}, connect_timeout=CONNECT_TIMEOUT_S,
+                              read_timeout=READ_TIMEOUT_S, retries={"mode": "standard", "max_attempts": ATTEMPTS}))
         return self._s3
+
+    @property
+    def _addressing_style(self) -> str:
+        return {None: "auto", True: "path", False: "virtual"}[self.settings.path_style]
 
     def arrow_fs(self, uri: str):
         """(pyarrow FileSystem, path inside it) for a URI; pyarrow takes host:port and the scheme separately."""
@@ -83,7 +112,9 @@ class Storage:
         if not is_s3(uri):
             return pafs.LocalFileSystem(), os.path.abspath(uri)
         if self._arrow_s3 is None:
-            kwargs = dict(region=self.region, allow_delayed_open=True)  # small files: one PUT, no multipart
+            kwargs = dict(region=self.region, allow_delayed_open=True,  # small files: one PUT, no multipart
+                          connect_timeout=CONNECT_TIMEOUT_S, request_timeout=READ_TIMEOUT_S,
+                          retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS))
             if self.endpoint_url:
                 parsed = urlparse(self.endpoint_url)
                 kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
@@ -95,20 +126,60 @@ class Storage:
 
     # ---- small objects -------------------------------------------------------------------------------------------
 
-    def read_bytes(self, uri: str) -> bytes:
-        """The object's bytes; FileNotFoundError when it does not exist."""
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; FileNotFoundError when it does not exist, ObjectTooLarge (before reading any of it)
+        when it is over max_bytes."""
         if not is_s3(uri):
             with open(uri, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(uri, size, max_bytes)
                 return f.read()
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            return self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = self.s3_client().get_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
             raise
+        with response["Body"] as body:  # the size comes with the headers: a huge object is never downloaded
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                raise ObjectTooLarge(uri, response["ContentLength"], max_bytes)
+            return body.read()
+
+    def check_reachable(self, uris: list[str]) -> None:
+        """Fail fast when the S3 endpoint behind any s3:// URI does not answer: one HEAD per bucket with a short
+        timeout and PROBE_ATTEMPTS tries, so a wrong endpoint costs seconds, not minutes of retries, and nothing is
+        written. Raises StorageUnreachable naming the endpoint (never credentials), or FileNotFoundError for a
+        bucket that is not there (also what a wrong endpoint that is not S3 answers). Other answers (403: this
+        identity may not list the bucket but may read its objects) are left to the operations themselves."""
+        buckets = sorted({split_s3(u)[0] for u in uris if is_s3(u)})
+        if not buckets:
+            return
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+        probe = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            config=Config(s3={"addressing_style": self._addressing_style}, connect_timeout=PROBE_TIMEOUT_S,
+                          read_timeout=PROBE_TIMEOUT_S, retries={"mode": "standard", "max_attempts": PROBE_ATTEMPTS}))
+        endpoint = _without_userinfo(self.endpoint_url) if self.endpoint_url else f"AWS S3 ({self.region})"
+        for bucket in buckets:
+            try:
+                probe.head_bucket(Bucket=bucket)
+            except ClientError as e:
+                if e.response["Error"]["Code"] in ("404", "NoSuchBucket", "NotFound"):
+                    raise FileNotFoundError(f"bucket {bucket!r} does not exist at S3 endpoint {endpoint}. Check the "
+                                            f"bucket names in the spec and storage.endpoint_url.") from None
+            except (ConnectionError, HTTPClientError) as e:  # refused, timed out, DNS, TLS
+                raise StorageUnreachable(
+                    f"S3 endpoint {endpoint} is unreachable (bucket {bucket!r}: {type(e).__name__}, after "
+                    f"{PROBE_ATTEMPTS} tries of {PROBE_TIMEOUT_S:g}s). Check storage.endpoint_url (or "
+                    f"AWS_ENDPOINT_URL) and that the endpoint is reachable from the driver and every Ray node; "
+                    f"nothing was read or written.") from None
 
     def read_many(self, uris: list[str]) -> list[bytes]:
         """read_bytes for many small objects, 16 at a time (listing-then-reading commit records is I/O bound)."""

@@ -121,6 +121,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, o
     import ray
     from ray.data import DataContext
 
+    Storage(spec.storage).check_reachable(spec.locations())  # a dead S3 endpoint fails here, in seconds
     started = init_ray(spec, address, quiet)
     try:
         # The driver reports progress per committed file: Ray Data's bars, plan logs and the notice that the bars

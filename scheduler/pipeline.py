@@ -142,7 +142,9 @@ def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root:
     from workers import VQAWorker
 
     ds = read_rows(units, "vqa", task.input, storage, skip)
-    ds = ds.map_batches(validate_vqa, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs=dict(storage=storage))
+    ds = ds.map_batches(validate_vqa, batch_format="pyarrow", num_cpus=READ_CPUS,
+                        fn_kwargs=dict(storage=storage, max_image_pixels=task.params.max_image_pixels,
+                                       max_image_bytes=task.params.max_image_bytes))
     # Shape buckets: a whole block (a file or row group) sorted by question length before it is cut into batches.
     ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS)
     return _common_tail(ds, spec, task, worker_cls or VQAWorker, root, storage, run_id)

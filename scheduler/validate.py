@@ -5,14 +5,13 @@ every input id ends in the output exactly once, with a message saying what was w
 """
 
 import hashlib
-import io
 
 import pyarrow as pa
 
-from jobs.storage import Storage
+from jobs.spec import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from jobs.storage import ObjectTooLarge, Storage
 from scheduler.read import ROW_SCHEMAS
-
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused (decompression bombs; no model input needs them)
+from workers.images import ImageError, decode_image
 
 
 def validate_t2i(batch: pa.Table) -> pa.Table:
@@ -27,8 +26,10 @@ def validate_t2i(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMAS["t2i"])
 
 
-def validate_vqa(batch: pa.Table, storage: Storage) -> pa.Table:
-    """Questions present; images present, fetched (URI: local path or s3://), decodable, and hashed."""
+def validate_vqa(batch: pa.Table, storage: Storage, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
+    """Questions present; images present, fetched (URI: local path or s3://), within the limits, decodable to RGB,
+    and hashed."""
     rows = batch.to_pylist()
     for row in rows:
         if row["error"] is not None:
@@ -40,31 +41,27 @@ def validate_vqa(batch: pa.Table, storage: Storage) -> pa.Table:
         elif row["image_bytes"] is None and row["image_path"] is None:
             row["error"] = "image is missing"
         else:
-            row["error"] = load_image(row, storage)
+            row["error"] = load_image(row, storage, max_image_pixels, max_image_bytes)
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMAS["vqa"])
 
 
-def load_image(row: dict, storage: Storage) -> str | None:
+def load_image(row: dict, storage: Storage, max_pixels: int, max_bytes: int) -> str | None:
     """Fill row["image_bytes"] (fetching its URI if needed) and row["image_sha256"]; return an error or None."""
-    from PIL import Image
-
     if row["image_bytes"] is None:
         try:
-            row["image_bytes"] = storage.read_bytes(row["image_path"])
+            row["image_bytes"] = storage.read_bytes(row["image_path"], max_bytes=max_bytes)
         except FileNotFoundError:
             return f"image {row['image_path']!r} does not exist"
+        except ObjectTooLarge as e:  # refused before downloading it
+            return (f"image {row['image_path']!r} is {e.size} bytes, over the {max_bytes}-byte limit "
+                    f"(params.max_image_bytes)")
         except Exception as e:  # noqa: BLE001 -- permissions, network: the row fails, the job goes on
             return f"image {row['image_path']!r} could not be read: {type(e).__name__}: {e}"
     data = row["image_bytes"]
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS}-pixel limit"
-            image.load()  # decodes the whole file: catches truncated data that the header alone does not
-    except Exception as e:  # noqa: BLE001
+        decode_image(data, max_pixels, max_bytes)
+    except ImageError as e:
         row["image_bytes"] = None  # nothing to pass on
-        reason = "not a recognized image format" if type(e).__name__ == "UnidentifiedImageError" else \
-            f"{type(e).__name__}: {e}"
-        return f"image could not be decoded ({len(data)} bytes): {reason}"
+        return str(e)
     row["image_sha256"] = hashlib.sha256(data).hexdigest()
     return None

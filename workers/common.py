@@ -71,14 +71,6 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {message}"[:2000]
 
 
-def decode_error(data, e: BaseException) -> str:
-    """The message of an image that does not decode (PIL's own names a memory address: not reproducible)."""
-    size = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray)) else type(data).__name__
-    if type(e).__name__ == "UnidentifiedImageError":
-        return f"image could not be decoded ({size}): not a recognized image format"
-    return f"image could not be decoded ({size}): {describe_error(e)}"
-
-
 def resolve_device(model: ModelSpec, gpus: float) -> str:
     import torch
 

@@ -41,6 +41,10 @@ class T2IWorker:
             self.call_kwargs = dict(num_inference_steps=self.params.steps or OFFICIAL_STEPS,
                                     guidance_scale=self.params.guidance_scale)
         self.runner = DeadlineRunner(task.resources.batch_timeout_s)
+        from showo2.layouts import t2i_max_text_len
+
+        config = self.pipe.model.config
+        self.max_prompt_tokens = t2i_max_text_len(config.default_max_seq_len, config.num_image_slots)
         self.settings = settings_json(spec.model, str(self.pipe.device), self.specialist,
                                       steps=self.call_kwargs["num_inference_steps"],
                                       guidance_scale=self.params.guidance_scale, seed_policy=self.params.seed_policy,
@@ -56,9 +60,26 @@ class T2IWorker:
                 given = cols["seed"][i] if self.params.seed_policy == "row" else None
                 out["seed"][i] = row_seed(self.job_id, cols["id"][i], given)
         todo = [i for i in range(n) if out["error"][i] is None]  # rows that failed upstream pass through
+        if not self.params.truncate:
+            for i in todo:
+                out["error"][i] = self.prompt_problem(cols["prompt"][i])
+            todo = [i for i in todo if out["error"][i] is None]
         if todo:
             self.generate(todo, cols["prompt"], out)
         return to_batch(out, n, type(self).__name__)
+
+    def prompt_problem(self, prompt) -> str | None:
+        """A prompt over the token limit, as a row error (checked per row: the pipeline's own check would fail the
+        whole batch). Other bad values are left to the pipeline's own checks."""
+        if not isinstance(prompt, str):
+            return None
+        num_tokens = len(self.pipe.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if num_tokens <= self.max_prompt_tokens:
+            return None
+        config = self.pipe.model.config
+        return (f"prompt has {num_tokens} tokens, over the limit of {self.max_prompt_tokens} (the model's "
+                f"{config.default_max_seq_len}-token sequence also holds {config.num_image_slots} image slots and 4 "
+                f"markers); shorten it, or set params.truncate: true to cut it as the official code does")
 
     def generate(self, todo: list[int], prompts: list, out: dict) -> None:
         """Run the rows `todo` as one batch (one by one if the batch fails; see workers.common.run_rows)."""

@@ -1,12 +1,12 @@
 """VQAWorker: image + question rows in, answer rows out (one out for each in; failures come back as error rows)."""
 
-import io
 from functools import partial
 
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from workers.common import (DeadlineRunner, decode_error, describe_error, load_pipeline, read_columns,
-                            run_rows, settings_json, to_batch)
+from workers.common import (DeadlineRunner, describe_error, load_pipeline, read_columns, run_rows, settings_json,
+                            to_batch)
+from workers.images import ImageError, decode_image
 
 
 class VQAWorker:
@@ -37,13 +37,12 @@ class VQAWorker:
         self.pipe, self.specialist = load_pipeline(spec.model, "vqa", Storage(spec.storage),
                                                    task.resources.gpus_per_worker)
         self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"] if self.specialist else greedy_answers
+        self.max_positions = self.pipe.model.config.llm["max_position_embeddings"]
         self.runner = DeadlineRunner(task.resources.batch_timeout_s)
         self.settings = settings_json(spec.model, str(self.pipe.device), self.specialist,
                                       max_new_tokens=self.params.max_new_tokens, layout=self.params.layout)
 
     def __call__(self, batch):
-        from PIL import Image
-
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__)
         n = len(cols["id"])
         out = {k: [None] * n for k in self.OUTPUT_COLUMNS}
@@ -52,14 +51,35 @@ class VQAWorker:
         for i in range(n):
             if out["error"][i] is not None:
                 continue  # failed upstream: passed through without touching the model
-            try:
-                with Image.open(io.BytesIO(cols["image_bytes"][i])) as image:
-                    images[i] = image.convert("RGB")
-            except Exception as e:  # noqa: BLE001 -- the validation stage decodes too; this guards direct callers
-                out["error"][i] = decode_error(cols["image_bytes"][i], e)
+            out["error"][i] = self.question_problem(cols["question"][i])
+            if out["error"][i] is not None:
+                continue
+            try:  # the validation stage decoded it already, with the same function: this guards direct callers
+                images[i] = decode_image(cols["image_bytes"][i], self.params.max_image_pixels,
+                                         self.params.max_image_bytes)
+            except ImageError as e:
+                out["error"][i] = str(e)
         if images:
             self.answer(list(images), images, cols["question"], out)
         return to_batch(out, n, type(self).__name__)
+
+    def question_problem(self, question) -> str | None:
+        """A question too long for the model's positions, as a row error (checked per row: the model would fail
+        the whole batch, or slow it to a crawl). Other bad values are left to the pipeline's own checks."""
+        from showo2.layouts import vqa_prompt_ids
+
+        if not isinstance(question, str):
+            return None
+        text_a, question_ids, role_b = vqa_prompt_ids(self.pipe.tokenizer, self.pipe.tokens, question,
+                                                      self.params.layout)
+        # the row holds the template, <|image_start|> + image slots + <|image_end|>, the question, then the answer
+        others = len(text_a) + len(role_b) + self.pipe.model.config.num_image_slots + 2 + self.params.max_new_tokens
+        limit = self.max_positions - others
+        if len(question_ids) <= limit:
+            return None
+        return (f"question has {len(question_ids)} tokens, over the limit of {limit} (the model's "
+                f"{self.max_positions} positions also hold the prompt template, the image and max_new_tokens="
+                f"{self.params.max_new_tokens}); shorten it")
 
     def answer(self, todo: list[int], images: dict, questions: list, out: dict) -> None:
         """Answer the rows `todo` as one batch (one by one if the batch fails; see workers.common.run_rows)."""

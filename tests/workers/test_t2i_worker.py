@@ -65,12 +65,14 @@ def test_reruns_reproduce_the_same_image_per_row(worker):
 
 def test_error_rows_pass_through_and_a_bad_row_fails_alone(checkpoint):
     worker = make_worker(checkpoint, params=dict(steps=2, truncate=False))
-    out = worker(batch(["ok", "upstream", "long"], ["a red circle", "whatever", "red " * 400],
-                       errors=[None, "prompt is empty", None]))
+    out = worker(batch(["ok", "upstream", "long", "bad"], ["a red circle", "whatever", "red " * 400, 5],
+                       errors=[None, "prompt is empty", None, None]))
     assert out["error"][0] is None and out["image_bytes"][0] is not None
     assert out["error"][1] == "prompt is empty" and out["image_bytes"][1] is None and out["latency_s"][1] is None
-    assert out["error"][2].startswith("ValueError: prompt 0 has") and "truncate" in out["error"][2]
-    assert out["image_bytes"][2] is None
+    assert out["error"][2].startswith("prompt has 800 tokens, over the limit of 256") and "truncate" in out["error"][2]
+    # a value only the model call refuses fails the batch; the rows are then run one by one and it fails alone
+    assert out["error"][3] == "ValueError: prompt 0 must be a non-empty string, got 5."
+    assert out["image_bytes"][2] is None and out["image_bytes"][3] is None
 
 
 def test_pandas_and_arrow_batches(worker):
