@@ -124,7 +124,7 @@ def raw_rows(unit: dict, fmt: str, columns: dict, storage: Storage):
             yield j, None, {}, problem or f"line {j + 1} is a JSON {type(record).__name__}, not an object"
             continue
         missing = _missing_note(list(record), wanted)
-        yield j, _rename(_drop_undecodable(record) if problem else record, wanted), missing, problem
+        yield j, _rename(record, wanted), missing, problem
 
 
 def _csv_rows(text: str, wanted: dict):
@@ -149,7 +149,7 @@ def _csv_rows(text: str, wanted: dict):
         bad = next(((k, _not_unicode(v)) for k, v in record.items() if isinstance(v, str) and _not_unicode(v)), None)
         problem = (f"row {j + 1} (line {reader.line_num}) is not valid UTF-8 (column {bad[0]!r}, {bad[1]}); save the "
                    f"file as UTF-8") if bad else None
-        yield j, _rename(_drop_undecodable(record) if problem else record, wanted), missing, problem
+        yield j, _rename(record, wanted), missing, problem
         j += 1
 
 
@@ -194,11 +194,6 @@ def _not_unicode(text: str) -> str | None:
         return f"{what} at character {e.start + 1}"
 
 
-def _drop_undecodable(record: dict) -> dict:
-    """A record from a line that is not UTF-8 keeps only its clean values (so a clean id survives)."""
-    return {k: v for k, v in record.items() if not _not_unicode(json.dumps(v, ensure_ascii=False, default=repr))}
-
-
 def _rename(record: dict, wanted: dict) -> dict:
     return {name: record.get(col) for name, col in wanted.items()}
 
@@ -218,7 +213,7 @@ def canonical_row(kind: str, raw: dict | None, missing: dict, problem: str | Non
                   base: str, where: str = "") -> dict:
     """One raw row -> the canonical columns; type and encoding problems become the row's `error` (`where` names
     the row's place in its file for them)."""
-    errors = [problem] if problem else []
+    errors = [problem] if problem else []  # a line that is not UTF-8 is reported once, not again per value
     raw = raw or {}
 
     def text(name):
@@ -229,7 +224,7 @@ def canonical_row(kind: str, raw: dict | None, missing: dict, problem: str | Non
             return None
         value, bad = _as_text(value)
         if bad:
-            errors.append(f"{name} is not valid UTF-8 text ({bad}) in {where}")
+            errors.extend([] if problem else [f"{name} is not valid UTF-8 text ({bad}) in {where}"])
             return None
         if not isinstance(value, str):
             errors.append(f"{name} must be a string, got {type(value).__name__} {_short(value)}")
@@ -238,7 +233,7 @@ def canonical_row(kind: str, raw: dict | None, missing: dict, problem: str | Non
 
     row_id, bad_id = _as_text(raw.get("id"))
     if bad_id:
-        errors.append(f"id is not valid UTF-8 text ({bad_id}) in {where}; a derived id stands in")
+        errors.extend([] if problem else [f"id is not valid UTF-8 text ({bad_id}) in {where}; a derived id stands in"])
         row_id = None
     elif isinstance(row_id, int) and not isinstance(row_id, bool):
         row_id = str(row_id)
@@ -258,7 +253,7 @@ def canonical_row(kind: str, raw: dict | None, missing: dict, problem: str | Non
         if isinstance(path, str) or path is NOT_UTF8:
             bad = _as_text(path)[1]
             if bad:
-                errors.append(f"image path is not valid UTF-8 text ({bad}) in {where}")
+                errors.extend([] if problem else [f"image path is not valid UTF-8 text ({bad}) in {where}"])
                 image = None
         image_bytes, image_path, ref = _image(image, base, errors)
         row = dict(question=question, image_bytes=image_bytes, image_path=image_path, image_sha256=None)
