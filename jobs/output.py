@@ -14,6 +14,7 @@ an orphan (a crash between write and commit, or a retry that lost the commit rac
 
 import hashlib
 import json
+import os
 import time
 import uuid
 
@@ -27,6 +28,7 @@ from jobs.storage import Storage, join
 
 FORMAT = "flashu-batch-output/1"
 ORPHAN_GRACE_S = 3600.0  # uncommitted data files younger than this may belong to a write still in flight
+HOLD_BEFORE_COMMIT_ENV = "FLASHU_TEST_HOLD_BEFORE_COMMIT"  # test hook: a marker file (see hold_before_commit_hook)
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image layout
 T2I_SCHEMA = pa.schema([
@@ -62,6 +64,22 @@ def ids_key(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
 
 
+def hold_before_commit_hook(hold_s: float = 600.0) -> None:
+    """Fault injection for tests, inert unless FLASHU_TEST_HOLD_BEFORE_COMMIT names a marker file: the first write
+    to get here creates the marker and stops between its data file and its commit record, so the test can kill the
+    job (driver and Ray) in exactly that window. It never commits: after hold_s it hard-exits. Writes that find the
+    marker go on."""
+    marker = os.environ.get(HOLD_BEFORE_COMMIT_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    time.sleep(hold_s)
+    os._exit(75)
+
+
 class TaskOutput:
     """One task's output folder and its commit protocol."""
 
@@ -79,6 +97,7 @@ class TaskOutput:
         fs, path = self.storage.arrow_fs(join(self.root, rel))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, path, filesystem=fs, compression="zstd")
+        hold_before_commit_hook()  # tests only: inert unless FLASHU_TEST_HOLD_BEFORE_COMMIT is set
         errors = len(ids) - table.column("error").null_count
         record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, run_id=run_id,
                       created_unix=time.time())

@@ -31,7 +31,8 @@ from jobs.ids import HASH, find, first_occurrences, hash_ids
 from jobs.output import TaskOutput, task_root
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from scheduler.pipeline import READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, read_id_hashes
+from scheduler.pipeline import (READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, explain_worker_deaths,
+                                read_id_hashes)
 from scheduler.read import plan_reads, unit_rows
 
 REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
@@ -163,7 +164,7 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
         build = build_t2i_pipeline if task.kind == "t2i" else build_vqa_pipeline
         ds = build(spec, task, units=units, root=root, storage=storage, skip=skip, run_id=run_id,
                    worker_cls=worker_cls)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in explain_worker_deaths(ds.iter_batches(batch_size=None, batch_format="pyarrow"), name):
             for row in batch.to_pylist():
                 if row["committed"]:
                     progress.done += row["rows"]

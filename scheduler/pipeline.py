@@ -23,6 +23,26 @@ SUMMARY_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("error
                             ("committed", pa.bool_())])
 READ_CPUS = 0.25  # CPU stages are light; small shares keep them schedulable beside the actor pool
 
+# Fault tolerance (README, "Fault tolerance"). Ray Data's defaults retry without limit: pool actors restart forever
+# and their batches are retried forever, plain tasks are re-run forever when their process dies. A row that kills
+# every process that touches it (a segfault, an OOM kill) would then loop forever. Bounded instead:
+ACTOR_MAX_RESTARTS = 4  # per actor over the task: lost nodes, preemptions, OOM kills (each restart reloads the model)
+ACTOR_MAX_TASK_RETRIES = 2  # per batch, on its actor's death: a batch that killed 3 workers fails the job
+TASK_MAX_RETRIES = 3  # read/validate/write tasks whose process died; all safe to re-run (a write commits its ids
+#                       under a key derived from them, so a re-run write commits nothing twice)
+CPU_STAGE = dict(num_cpus=READ_CPUS, max_retries=TASK_MAX_RETRIES)
+# (Ray 2.60 takes these three only as `**ray_remote_args` of map_batches, deprecated for removal in Ray 2.64.)
+# A storage outage (an S3 server restarting, a network blip longer than the clients' own few retries) raises in a
+# task: Ray Data re-runs a task whose error matches one of these, up to STORAGE_MAX_RETRIES times, with exponential
+# backoff (2, 4, 8, 16, 32 s at most, jittered: an outage of about a minute). Every task is safe to re-run.
+RETRIED_STORAGE_ERRORS = [
+    "AWS Error NETWORK_CONNECTION", "AWS Error SERVICE_UNAVAILABLE", "AWS Error SLOW_DOWN",  # pyarrow (AWS SDK)
+    "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 503)",
+    "Could not connect to the endpoint URL", "Connection was closed before we received a valid response",  # botocore
+    "Read timeout on endpoint URL",
+]
+STORAGE_MAX_RETRIES = 5
+
 
 @dataclass
 class Skip:
@@ -44,7 +64,7 @@ def read_rows(units: list[dict], kind: str, inp: InputSpec, storage: Storage, sk
     """Dataset of canonical rows (scheduler/read.py), one Ray task per read unit, less the rows that `skip` (an
     ObjectRef of a Skip, or None) drops."""
     return _units_dataset(units).map_batches(
-        read_new_rows, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        read_new_rows, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
         fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage, skip=skip))
 
 
@@ -52,14 +72,17 @@ def read_id_hashes(units: list[dict], kind: str, inp: InputSpec, storage: Storag
     """The driver's pre-pass: a Dataset of one row per read unit, {"unit": its index in `units`, "hashes": its rows'
     ids as jobs.ids hashes in file order, 16 bytes each}; the id strings stay in the read tasks."""
     return _units_dataset(units).map_batches(
-        unit_id_hashes, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        unit_id_hashes, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
         fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage))
 
 
 def _units_dataset(units: list[dict]):
     import ray
 
-    return ray.data.from_items([dict(u, unit=i) for i, u in enumerate(units)], override_num_blocks=max(1, len(units)))
+    ds = ray.data.from_items([dict(u, unit=i) for i, u in enumerate(units)], override_num_blocks=max(1, len(units)))
+    # Every stage built on this dataset shares its context: storage errors are retried in all of them
+    ds.context.retried_map_errors, ds.context.max_map_retries = RETRIED_STORAGE_ERRORS, STORAGE_MAX_RETRIES
+    return ds
 
 
 def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage, skip=None) -> pa.Table:
@@ -97,6 +120,23 @@ def to_output_table(batch: pa.Table, kind: str) -> pa.Table:
     return pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in schema}, schema=schema)
 
 
+def explain_worker_deaths(batches, task_name: str):
+    """The driver's stream of summaries, with a worker death that used up its retries (above) turned into a job error
+    that says what happened and what to do; Ray's own message names only an actor id."""
+    from ray.exceptions import RayActorError
+
+    try:
+        yield from batches
+    except RayActorError as e:
+        said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"task {task_name!r}: a worker process died and its retries are used up (a batch is retried "
+            f"{ACTOR_MAX_TASK_RETRIES} times on a restarted worker, a worker restarts at most {ACTOR_MAX_RESTARTS} "
+            f"times). A batch that keeps killing its worker holds a row that crashes the model process (out of "
+            f"memory, a native crash): see the worker logs. Committed rows are kept; run the job again to retry the "
+            f"rest. Ray: {said}") from e
+
+
 def write_and_commit(batch: pa.Table, kind: str, root: str, storage: Storage, run_id: str) -> pa.Table:
     """Write stage: one Parquet file + its commit record per call -> one summary row."""
     if batch.num_rows == 0:
@@ -120,9 +160,9 @@ def _common_tail(ds, spec: JobSpec, task, worker_cls, root: str, storage: Storag
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=dict(spec=spec, task_name=task.task_name),
                         compute=ray.data.ActorPoolStrategy(size=res.workers),  # the full pool from the start
                         num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker, batch_size=res.batch_size,
-                        batch_format="pyarrow")
-    return ds.map_batches(write_and_commit, batch_size=task.rows_per_file, batch_format="pyarrow",
-                          num_cpus=READ_CPUS,
+                        batch_format="pyarrow", max_restarts=ACTOR_MAX_RESTARTS,
+                        max_task_retries=ACTOR_MAX_TASK_RETRIES)
+    return ds.map_batches(write_and_commit, batch_size=task.rows_per_file, batch_format="pyarrow", **CPU_STAGE,
                           fn_kwargs=dict(kind=task.kind, root=root, storage=storage, run_id=run_id))
 
 
@@ -132,7 +172,7 @@ def build_t2i_pipeline(spec: JobSpec, task: T2ITask, *, units: list[dict], root:
     from workers import T2IWorker
 
     ds = read_rows(units, "t2i", task.input, storage, skip)
-    ds = ds.map_batches(validate_t2i, batch_format="pyarrow", num_cpus=READ_CPUS)
+    ds = ds.map_batches(validate_t2i, batch_format="pyarrow", **CPU_STAGE)
     return _common_tail(ds, spec, task, worker_cls or T2IWorker, root, storage, run_id)
 
 
@@ -142,10 +182,10 @@ def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root:
     from workers import VQAWorker
 
     ds = read_rows(units, "vqa", task.input, storage, skip)
-    ds = ds.map_batches(validate_vqa, batch_format="pyarrow", num_cpus=READ_CPUS,
+    ds = ds.map_batches(validate_vqa, batch_format="pyarrow", **CPU_STAGE,
                         fn_kwargs=dict(storage=storage, max_image_pixels=task.params.max_image_pixels,
                                        max_image_bytes=task.params.max_image_bytes))
     # Shape buckets: a whole block (a file or row group) sorted by question length before it is cut into batches.
-    ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS)
+    ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", **CPU_STAGE)
     return _common_tail(ds, spec, task, worker_cls or VQAWorker, root, storage, run_id)
 

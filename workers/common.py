@@ -4,6 +4,7 @@ running a model call under a deadline."""
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,8 @@ from jobs.spec import ModelSpec
 from jobs.storage import Storage
 
 SEED_BITS = 63  # seeds are non-negative int64 (Parquet's int64, torch.Generator.manual_seed)
+EXIT_ON_ROW_ENV = "FLASHU_TEST_EXIT_ON_ROW"  # test hook: a row id (see exit_on_row_hook)
+EXIT_MARKER_ENV = "FLASHU_TEST_EXIT_MARKER"  # test hook: a file path that makes the exit happen once
 
 
 class BatchTimeout(Exception):
@@ -27,6 +30,23 @@ def row_seed(job_id: str, row_id: str, given=None) -> int:
         return int(given)
     digest = hashlib.sha256(f"{job_id}\0{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> (64 - SEED_BITS)
+
+
+def exit_on_row_hook(ids: list) -> None:
+    """Fault injection for tests, inert unless FLASHU_TEST_EXIT_ON_ROW is set: hard-exit this worker process (as an
+    OOM kill or a segfault would, with no exception and no cleanup) when a batch holds that row id. With
+    FLASHU_TEST_EXIT_MARKER set it fires once (it creates the marker file first, so the restarted actor goes on);
+    without it, every time (a poison row)."""
+    row = os.environ.get(EXIT_ON_ROW_ENV)
+    if not row or row not in ids:
+        return
+    marker = os.environ.get(EXIT_MARKER_ENV)
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os._exit(75)
 
 
 def _null(value) -> bool:

@@ -5,8 +5,8 @@ from functools import partial
 
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from workers.common import (DeadlineRunner, describe_error, load_pipeline, read_columns, row_seed, run_rows,
-                            settings_json, to_batch)
+from workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, row_seed,
+                            run_rows, settings_json, to_batch)
 
 OFFICIAL_STEPS = 50  # inference_t2i.py's default
 
@@ -52,6 +52,7 @@ class T2IWorker:
 
     def __call__(self, batch):
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__)
+        exit_on_row_hook(cols["id"])  # tests only: inert unless FLASHU_TEST_EXIT_ON_ROW is set
         n = len(cols["id"])
         out = {k: [None] * n for k in self.OUTPUT_COLUMNS}
         out.update(id=cols["id"], prompt=cols["prompt"], error=list(cols["error"]))

