@@ -46,7 +46,8 @@ def _is_uri(value: str) -> bool:
 def _prefix_problem(value: str) -> str | None:
     """Why an output location is refused, or None. A '..' could climb out of the prefix it seems to be under; '.'
     and empty segments are mistakes (an S3 key keeps them literally, a filesystem drops them), usually a template
-    with an empty part. A leading './', a leading '/' and a trailing '/' are fine."""
+    with an empty part. A leading './', a leading '/' and a trailing '/' are fine. (A relative path in a spec file
+    was already resolved against the file's folder, '..' included: see _resolve_paths.)"""
     if not value or not _is_uri(value):
         return "expected a local path or an s3://bucket/prefix URI"
     path = value[len("s3://"):] if value.startswith("s3://") else value.removeprefix("./").lstrip("/")
@@ -380,12 +381,9 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid job spec:\n  " + "\n  ".join(lines)
 
 
-def _resolve(path: str | None, base: str, normalize: bool = True) -> str | None:
-    """normalize=False keeps '..' and '.' segments for the validators to refuse (outputs: see _prefix_problem)."""
+def _resolve(path: str | None, base: str) -> str | None:
     if path is None or "://" in path or os.path.isabs(path):
-        return path  # URIs are left for the validators to judge
-    if not normalize:
-        return os.path.join(base, os.path.expanduser(path.removeprefix("./")))
+        return path  # URIs and absolute paths are left for the validators to judge
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
@@ -404,13 +402,13 @@ def _resolve_paths(raw: dict, base: str) -> dict:
                     spec[key] = _resolve(value, base)
     storage = raw.get("storage")
     if isinstance(storage, dict) and isinstance(storage.get("allowed_outputs"), list):
-        storage["allowed_outputs"] = [_resolve(p, base, normalize=False) if isinstance(p, str) and p else p
+        storage["allowed_outputs"] = [_resolve(p, base) if isinstance(p, str) and p else p
                                       for p in storage["allowed_outputs"]]
     for task in raw.get("tasks") or []:
         if not isinstance(task, dict):
             continue
         if isinstance(task.get("output"), str) and task["output"]:
-            task["output"] = _resolve(task["output"], base, normalize=False)
+            task["output"] = _resolve(task["output"], base)
         inp = task.get("input")
         if isinstance(inp, dict):
             uris = inp.get("uris")

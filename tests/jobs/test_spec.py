@@ -49,9 +49,9 @@ def test_every_field_has_a_description():
 def test_yaml_and_json_files(tmp_path):
     (tmp_path / "job.yaml").write_text(
         "job_id: j\nmodel: {checkpoint: m, dtype: float32}\n"
-        "tasks:\n  - {kind: vqa, input: {uris: data/, format: csv}, output: ./out, params: {max_new_tokens: 8}}\n")
+        "tasks:\n  - {kind: vqa, input: {uris: data/, format: csv}, output: ../out, params: {max_new_tokens: 8}}\n")
     spec = load_spec(str(tmp_path / "job.yaml"))
-    assert spec.tasks[0].output == str(tmp_path / "out") and spec.tasks[0].params.max_new_tokens == 8
+    assert spec.tasks[0].output == str(tmp_path.parent / "out") and spec.tasks[0].params.max_new_tokens == 8
     (tmp_path / "job.json").write_text(json.dumps(good()))
     assert load_spec(str(tmp_path / "job.json")).job_id == "job-1"
     (tmp_path / "bad.yaml").write_text("job_id: [unclosed\n")

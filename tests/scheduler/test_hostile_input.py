@@ -405,7 +405,7 @@ def test_an_unreachable_s3_endpoint_fails_fast_and_commits_nothing(checkpoint, t
 
 @pytest.mark.parametrize("output, problem", [
     ("s3://results/team-a/../team-b", "a '..' segment"),
-    ("results/../../elsewhere", "a '..' segment"),
+    ("/data/results/../../elsewhere", "a '..' segment"),
     ("s3://results/./team-a", "a '.' segment"),
     ("s3://results//team-a", "an empty segment ('//')"),
     ("/data/out//x", "an empty segment ('//')"),
@@ -414,27 +414,29 @@ def test_output_prefix_with_dot_or_empty_segments_is_refused(output, problem):
     raw = spec_dict("j", "ckpt", [dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output=output)])
     with pytest.raises(SpecError) as info:
         parse_spec(raw, "/base")
-    shown = output if output.startswith(("s3://", "/")) else "/base/" + output  # relative: against the spec's folder
-    assert f"tasks[0].output: got {shown!r}; it has {problem}; write the location out plainly" in str(info.value)
+    assert f"tasks[0].output: got {output!r}; it has {problem}; write the location out plainly" in str(info.value)
 
 
 @pytest.mark.parametrize("output, allowed", [
     ("s3://other-bucket/out", ["s3://results/team-a/"]),
     ("s3://results/team-ab/out", ["s3://results/team-a"]),  # a name that merely starts like the prefix
     ("/data/other", ["/data/out"]),
-    ("out", ["/elsewhere"]),  # relative: resolved against the spec's folder first
+    ("out", ["/elsewhere"]),  # relative: resolved against the spec's folder (/base/sub) first
+    ("../../data/other", ["/data/out"]),  # '..' in a relative path resolves first, then it is checked
 ])
 def test_output_outside_the_allowed_prefixes_is_refused(output, allowed):
     raw = spec_dict("j", "ckpt", [dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output=output)])
     raw["storage"] = dict(allowed_outputs=allowed)
     with pytest.raises(SpecError, match=r"tasks\[0\]\.output: got '.*', which is outside storage\.allowed_outputs"):
-        parse_spec(raw, "/base")
+        parse_spec(raw, "/base/sub")
 
 
 def test_outputs_inside_the_allowed_prefixes_pass():
     raw = spec_dict("j", "ckpt", [dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"),
                                        output="s3://results/team-a/run-1"),
                                   dict(kind="vqa", input=dict(uris="in.parquet", format="parquet"), output="out")])
-    raw["storage"] = dict(allowed_outputs=["s3://results/team-a/", "./"])
-    spec = parse_spec(raw, "/base")
-    assert spec.tasks[1].output == "/base/out" and spec.storage.allowed_outputs == ["s3://results/team-a/", "/base/"]
+    raw["tasks"][1]["output"] = "../shared/out"  # relative to the spec file's folder, as every path in a spec
+    raw["storage"] = dict(allowed_outputs=["s3://results/team-a/", "../shared"])
+    spec = parse_spec(raw, "/base/sub")
+    assert spec.tasks[1].output == "/base/shared/out"
+    assert spec.storage.allowed_outputs == ["s3://results/team-a/", "/base/shared"]
