@@ -113,6 +113,75 @@ def test_a_poison_row_fails_the_job_after_bounded_retries_and_keeps_the_rest(ray
     check_every_id_once(storage, root)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): the local Ray a driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # processes this test started (its driver's Ray), by PID
+        except ProcessLookupError:
+            pass
+
+
+def test_a_driver_killed_between_a_data_file_and_its_commit_then_rerun(ray_session, checkpoint, tmp_path):
+    """`flashu-batch run` in its own process with its own local Ray; the first write stops after its data file, the
+    test kills the driver there (SIGKILL: no cleanup), and a re-run finishes. The orphan data file is never read."""
+    storage = Storage()
+    raw = t2i_spec("driver-killed", checkpoint, write_prompts(storage, str(tmp_path), n=6), str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    marker = tmp_path / "held"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
+    env[HOLD_BEFORE_COMMIT_ENV] = str(marker)
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    family = []
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no write reached the commit point"
+            time.sleep(0.1)
+        family = descendants(driver.pid)
+        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        kill_pids([driver.pid] + family)  # Ray's processes die with their driver; this covers any that did not
+        driver.wait(timeout=60)
+
+    root = join(str(tmp_path / "out"), "driver-killed", "t2i")
+    committed_files = {r["file"] for r in
+                       (json.loads(storage.read_bytes(f["uri"])) for f in storage.list(join(root, "_commits")))}
+    orphans = [f["uri"] for f in storage.list(join(root, "data"))
+               if f["uri"].split(root + "/", 1)[1] not in committed_files]
+    assert len(orphans) == 1 and pq_rows(storage, orphans[0]) == 2  # the held write: data, no commit record
+    assert not storage.exists(join(root, "_SUCCESS"))
+    before = read_output(storage, root).column("id").to_pylist()
+    assert len(before) == len(set(before)) < 6  # readers see committed rows only
+
+    results = run_job(parse_spec(raw))  # the re-run (here, on the session's Ray)
+    assert results["t2i"]["metrics"]["skipped"] == len(before)
+    check_every_id_once(storage, root, n=6)
+    listed = {f["file"] for f in json.loads(storage.read_bytes(join(root, "_SUCCESS")))["files"]}
+    assert orphans[0].split(root + "/", 1)[1] not in listed  # never read; removed once older than ORPHAN_GRACE_S
+
+
 @pytest.fixture
 def seaweed(tmp_path):
     from seaweed_testkit import SeaweedServer, SeaweedUnavailable
