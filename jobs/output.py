@@ -113,12 +113,11 @@ class TaskOutput:
         """Every commit record, each with its own "key"."""
         return list(self.iter_commits())
 
-    def iter_commits(self, slice_size: int = 256):
-        """The commit records one at a time, read `slice_size` at once: all of them together hold every id of the
-        task, gigabytes as Python strings at millions of rows."""
+    def iter_commits(self, slice_bytes: int = 8 << 20):
+        """The commit records one at a time, read about `slice_bytes` of them at once: all of them together hold
+        every id of the task, gigabytes as Python strings at millions of rows."""
         listing = [f for f in self.storage.list(join(self.root, "_commits")) if f["uri"].endswith(".json")]
-        for a in range(0, len(listing), slice_size):
-            part = listing[a:a + slice_size]
+        for part in _slices(listing, slice_bytes):
             for f, data in zip(part, self.storage.read_many([f["uri"] for f in part])):
                 record = json.loads(data)
                 record["key"] = f["uri"].rsplit("/", 1)[-1][: -len(".json")]
@@ -207,6 +206,19 @@ class TaskOutput:
         key = ids_key(ids)
         self.storage.create(join(self.root, "_commits", f"{key}.json"), json.dumps(new).encode())
         return dict(new, key=key)
+
+
+def _slices(files: list[dict], max_bytes: int):
+    """Consecutive runs of a listing, each of at most `max_bytes` (or a single larger file)."""
+    part, size = [], 0
+    for f in files:
+        if part and size + (f["size"] or 0) > max_bytes:
+            yield part
+            part, size = [], 0
+        part.append(f)
+        size += f["size"] or 0
+    if part:
+        yield part
 
 
 def read_output(storage: Storage, root: str) -> pa.Table:

@@ -227,8 +227,9 @@ def index_ids(per_unit: list[np.ndarray]) -> InputIds:
     shown = later[np.argsort(order[later], kind="stable")[:REPEAT_EXAMPLES]]  # the earliest of them in read order
     examples = [(int(order[j]), int(order[np.searchsorted(hashes, hashes[j])])) for j in shown]
     repeats = np.sort(order[later])
-    if len(later):
-        hashes, order = hashes[first], order[first]
+    if len(later):  # one array at a time: the old one goes before the next copy
+        hashes = hashes[first]
+        order = order[first]
     return InputIds(hashes, order, repeats, examples, unit_starts)
 
 
