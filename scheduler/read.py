@@ -117,7 +117,8 @@ def raw_rows(unit: dict, fmt: str, columns: dict, storage: Storage):
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as e:  # also over-long integers and too deep nesting
-            reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)[:200]
+            reason = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else
+                      "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200])
             yield j, None, {}, problem or f"line {j + 1} is not valid JSON ({reason})"
             continue
         if not isinstance(record, dict):

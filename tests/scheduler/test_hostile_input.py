@@ -223,8 +223,7 @@ def test_wrong_column_types(job):
     errors = [r["error"] for r in job["outputs"]["t2i"]]
     assert "line 11 is a JSON list, not an object" in errors
     assert "line 12 is not valid JSON (Expecting property name enclosed in double quotes at column 2)" in errors
-    assert "line 13 is not valid JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode " \
-           "string)" in errors  # nesting too deep for the parser: an error row, not a failed read
+    assert "line 13 is not valid JSON (nested too deeply)" in errors  # an error row, not a failed read
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
