@@ -69,6 +69,7 @@ class TrainArgs:
     edge_weight: float = 4.0
     color_weight: float = 0.1
     vae_shift: int = 24  # translation augmentation range in pixels
+    vae_check: int = 200  # held-out images whose VAE reconstructions the T2I checker scores (0: no check)
     # Show-o2
     width: int = 128
     layers: int = 8
@@ -214,7 +215,7 @@ def normalised_vae(vae: WanVAE, mu: torch.Tensor) -> tuple[WanVAE, torch.Tensor]
 
 
 @torch.no_grad()
-def vae_reconstruction_scores(vae: WanVAE, n: int = 200) -> dict:
+def vae_reconstruction_scores(vae: WanVAE, n: int) -> dict:
     """The T2I checker's scores of VAE reconstructions of held-out images: the ceiling for generated images."""
     scenes = world.sample_scenes("heldout", n, seed=99)
     x = to_pixels(torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes])))
@@ -443,8 +444,8 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     mu = gather_rows(posterior_means(vae, share), len(images), procs)
     vae, latents = normalised_vae(vae, mu)
     log(f"vae done; latent mean {vae.config.latents_mean} std {vae.config.latents_std}")
-    vae_scores = vae_reconstruction_scores(vae) if rank == 0 else {}
-    log(f"vae reconstructions of 200 held-out images, checker scores: {vae_scores}")
+    vae_scores = vae_reconstruction_scores(vae, args.vae_check) if rank == 0 and args.vae_check else {}
+    log(f"vae reconstructions of {args.vae_check} held-out images, checker scores: {vae_scores}")
 
     tokenizer = build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)

@@ -1,0 +1,89 @@
+"""train/tiny_shapes.py at toy size: it writes a checkpoint the normal loader takes, reproducibly from its seed, and
+its pieces (the VQA rows, the VAE latent normalisation) are what the pipeline reads at inference."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from showo2 import tiny_world as world
+from showo2.pipeline import Showo2Pipeline
+from showo2.tokenizer import SpecialTokens
+from train import tiny_shapes as train
+
+TOY = ["--n-scenes", "24", "--vae-steps", "3", "--vae-batch", "4", "--steps", "3", "--t2i-batch", "4",
+       "--vqa-batch", "4", "--width", "32", "--layers", "2", "--ffn", "64", "--head-ffn", "32", "--head-layers", "1",
+       "--warmup", "1", "--log-every", "1", "--procs", "1", "--vae-check", "0"]
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    folders = []
+    for name in ("a", "b"):
+        out = str(base / name)
+        assert train.main(TOY + ["--out", out, "--seed", "7"]) == 0
+        folders.append(out)
+    return folders
+
+
+def test_writes_a_checkpoint_the_pipeline_loads(toy_runs):
+    folder = toy_runs[0]
+    for name in ("config.json", "model.safetensors", "Wan2.1_VAE.pth", "vae_config.json", "tokenizer.json",
+                 "training.json"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    pipe = Showo2Pipeline.from_pretrained(folder)
+    assert pipe.model.config.llm["num_hidden_layers"] == 2 and pipe.model.config.hidden_size == 32
+    images = pipe.text_to_image(["a red circle on the left"], num_inference_steps=2, guidance_scale=4.0)
+    assert images[0].size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    answers = pipe.answer(images, ["what color is the circle?"], max_new_tokens=2)
+    assert len(answers) == 1
+    with open(os.path.join(folder, "training.json")) as f:
+        meta = json.load(f)
+    assert meta["args"]["seed"] == 7 and meta["args"]["steps"] == 3 and len(meta["history"]) == 3
+    assert meta["weights_dtype"] == "bfloat16" and "python -m train.tiny_shapes" in meta["command"]
+
+
+def test_same_seed_same_weights(toy_runs):
+    a, b = (load_file(os.path.join(f, "model.safetensors")) for f in toy_runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = (torch.load(os.path.join(f, "Wan2.1_VAE.pth"), weights_only=True) for f in toy_runs)
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_vqa_rows_supervise_only_the_answers_and_their_end():
+    tokenizer = train.build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    scenes = world.sample_scenes("train", 8, seed=0)
+    batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0)
+    seqs, labels = batcher.vqa(list(range(8)), turns=2)
+    assert labels.shape == seqs.input_ids.shape
+    for row in range(8):
+        supervised = [t for t in labels[row].tolist() if t != -100]
+        answers = tokenizer.decode(supervised).split("<|im_end|>")
+        # two turns: "<answer><|im_end|><answer><|im_end|>"; every answer is a word of the world's answer set
+        assert supervised.count(tokens.eos) == 2 and answers[-1] == ""
+        valid = {a for s in scenes for _, a in world.questions(s)} | {"no"}
+        assert all(a.strip() in valid for a in answers[:-1]), answers
+        # the image span is never a label; the labelled tokens are where the row holds them
+        offset = int(seqs.image_offsets[row])
+        assert (labels[row, offset:offset + 17] == -100).all()
+        kept = labels[row] != -100
+        assert torch.equal(labels[row][kept], seqs.input_ids[row][kept])
+
+
+def test_normalised_latents_have_unit_statistics():
+    torch.manual_seed(0)
+    vae = train.WanVAE(train.vae_config()).eval()
+    images = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in world.sample_scenes("train", 16, seed=1)]))
+    mu = train.posterior_means(vae, images)
+    final, latents = train.normalised_vae(vae, mu)
+    assert latents.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (latents.std(dim=(0, 2, 3)) - 1).abs().max() < 2e-2
+    # the shipped VAE's own normalisation gives the same latents
+    with torch.no_grad():
+        assert torch.allclose(final.encode(train.to_pixels(images)), latents, atol=1e-4)
