@@ -59,6 +59,45 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from jobs.spec import load_spec
+    from jobs.submit import EXIT_REFUSED, AlreadySubmitted, local_paths, submit
+
+    spec = load_spec(args.spec)  # validated here: a bad spec never reaches the cluster
+    local = local_paths(spec)
+    if local:
+        print(f"note: {len(local)} location(s) in the spec are local paths (e.g. {local[0]}): every node of the "
+              f"cluster must see them at the same path (a shared filesystem); use s3:// otherwise.", file=sys.stderr)
+    try:
+        submission_id = submit(spec, args.address, resume=args.resume)
+    except AlreadySubmitted as e:
+        print(f"flashu-batch submit: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except RuntimeError as e:  # the Jobs API failed the request; its message says why
+        print(f"flashu-batch submit: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted job {spec.job_id} as {submission_id}; watch it with `flashu-batch status {spec.job_id}` or "
+          f"`flashu-batch logs {spec.job_id} --follow`", flush=True)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from jobs.submit import connect, status_lines
+
+    print("\n".join(status_lines(connect(args.address), args.job_id)), flush=True)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from jobs.submit import connect, print_logs
+
+    final = print_logs(connect(args.address), args.job_id, follow=args.follow)
+    if args.follow:  # a script can wait on the job: exit 0 only when it succeeded
+        print(f"job {args.job_id}: {final}", file=sys.stderr, flush=True)
+        return 0 if final == "SUCCEEDED" else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashu-batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["t2i"], default="t2i")
     p.add_argument("--config", help="JSON file of FlashU knobs (default: the paper's defaults)")
     p.set_defaults(func=cmd_plan)
+
+    address_help = ("the Ray head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS); "
+                    "a token for token authentication comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH")
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Jobs API); the job_id is the submission "
+                                      "id, so a second submit is refused (exit 3)")
+    p.add_argument("spec", help="job spec file (validated here before anything is sent)")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--resume", action="store_true", help="if earlier attempts ended unsuccessfully, submit "
+                                                         "<job_id>-attempt-N: committed rows are kept and skipped")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="state, message and times of a submitted job's latest attempt")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=address_help)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="the logs of a submitted job's latest attempt")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
+    p.set_defaults(func=cmd_logs)
     return parser
 
 

@@ -106,6 +106,11 @@ def check_resources(spec: JobSpec, local: bool) -> None:
         if cpus >= have.get("CPU", 0):
             problems.append(f"{res.workers} workers x {res.cpus_per_worker} CPUs = {cpus:g} CPUs, the cluster has "
                             f"{have.get('CPU', 0):g} and the read/write stages need some")
+        for name, amount in res.custom.items():
+            if res.workers * amount > have.get(name, 0):
+                problems.append(f"{res.workers} workers x {amount:g} {name!r} = {res.workers * amount:g}, the "
+                                f"cluster has {have.get(name, 0):g} (custom resources come from its node types, "
+                                f"see ray_cluster.yaml; a local Ray has none: drop resources.custom to run here)")
         if problems:
             message = (f"tasks {task.task_name!r}: the actor pool does not fit: {'; '.join(problems)}. Lower "
                        f"resources.workers / gpus_per_worker / cpus_per_worker.")

@@ -158,6 +158,7 @@ def _common_tail(ds, spec: JobSpec, task, worker_cls, root: str, storage: Storag
     # one actor (the others idle) and commit nothing until its last row.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=dict(spec=spec, task_name=task.task_name),
+                        resources=dict(res.custom),  # e.g. {"t2i": 1}: the pool goes only to t2i nodes
                         compute=ray.data.ActorPoolStrategy(size=res.workers),  # the full pool from the start
                         num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker, batch_size=res.batch_size,
                         batch_format="pyarrow", max_restarts=ACTOR_MAX_RESTARTS,

@@ -1,0 +1,219 @@
+"""`flashu-batch submit | status | logs` against a real Ray head (`ray start --head` on loopback, token
+authentication on, one custom resource), started once for this module and stopped by its own session's PIDs."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from batch_testkit import spec_dict, tiny_checkpoint
+from jobs.cli import main
+from jobs.output import read_output
+from jobs.storage import Storage
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
+              "object-manager-port")  # every port Ray would otherwise take from a fixed default
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_session(sid: int) -> None:
+    """SIGTERM the head's process group, then SIGKILL whatever of its session is left (Ray's workers get process
+    groups of their own). Only processes of this session: the head was started in a new one."""
+    try:
+        os.killpg(sid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and session_pids(sid):
+        time.sleep(0.5)
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session ...
+        except (OSError, IndexError):
+            continue
+        if name.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(dashboard URL, token) of a Ray head on 127.0.0.1 with RAY_AUTH_MODE=token and {"t2i": 1}."""
+    token = secrets.token_hex(32)
+    temp = tempfile.mkdtemp(prefix="fbh", dir="/tmp")  # short: Ray's socket paths live under it
+    ports = {name: free_port() for name in HEAD_PORTS}
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", "--num-cpus=2", '--resources={"t2i": 1}', "--disable-usage-stats",
+           f"--temp-dir={temp}", *(f"--{name}={port}" for name, port in ports.items())]
+    with open(os.path.join(temp, "head.log"), "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        wait_for_jobs_api(url, token, proc)
+        yield url, token
+    finally:
+        stop_session(proc.pid)
+        proc.wait(timeout=30)
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+def wait_for_jobs_api(url: str, token: str, proc, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    while True:
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+            return
+        except (OSError, urllib.error.HTTPError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not serve the Jobs API at {url} (exit code {proc.poll()})")
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No Ray address or token settings from the outside (a local ray.init() in this process sets RAY_AUTH_MODE)."""
+    for name in AUTH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def cli_process(env: dict, *argv) -> tuple[int, str, str]:
+    """The CLI in a fresh process: Ray reads RAY_AUTH_MODE once per process, so a run without a token is checked
+    where no earlier setting (or a local ray.init()) can have switched this process to token mode."""
+    env = {**{k: v for k, v in os.environ.items() if k not in AUTH_ENV}, **env}
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, capture_output=True, text=True,
+                            timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_submit_refuses_a_second_submission_resumes_a_failed_job_and_reports(ray_head, clean_env, capsys, tmp_path):
+    url, token = ray_head
+    clean_env.setenv("RAY_AUTH_TOKEN", token)
+    prompts = tmp_path / "prompts.jsonl"  # missing at first: the first attempt fails
+    spec = spec_dict("cluster-job", tiny_checkpoint(str(tmp_path)), [dict(
+        kind="t2i", input=dict(uris=str(prompts), format="jsonl"), output=str(tmp_path / "out"),
+        params=dict(steps=2), rows_per_file=2,
+        resources=dict(workers=1, gpus_per_worker=0, cpus_per_worker=0.5, batch_size=2, custom={"t2i": 1}))])
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    submit = ["submit", str(tmp_path / "job.json"), "--address", url]
+
+    rc, out, err = cli(capsys, *submit)
+    assert rc == 0 and "submitted job cluster-job as cluster-job;" in out
+    assert "local paths" in err  # the spec's paths are seen by this one-machine cluster only
+    rc, _, err = cli(capsys, *submit)
+    assert rc == 3 and "job 'cluster-job' was already submitted" in err  # idempotent: one job, not two
+
+    rc, logs, err = cli(capsys, "logs", "cluster-job", "--address", url, "--follow")
+    assert rc == 1 and "job cluster-job: FAILED" in err and "does not exist" in logs
+    clean_env.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # an explicit --address wins over the environment
+    rc, out, _ = cli(capsys, "status", "cluster-job", "--address", url)
+    assert rc == 0 and "job cluster-job: FAILED (attempt 1, submission cluster-job)" in out and "--resume" in out
+    clean_env.delenv("RAY_ADDRESS")
+    rc, _, err = cli(capsys, *submit)
+    assert rc == 3 and "submit again with --resume" in err
+
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a red circle", "two cats", "")))
+    rc, out, _ = cli(capsys, *submit, "--resume")
+    assert rc == 0 and "as cluster-job-attempt-2;" in out
+    rc, _, err = cli(capsys, *submit, "--resume")
+    assert rc == 3 and "still going" in err  # an active attempt is never doubled
+
+    clean_env.setenv("RAY_API_SERVER_ADDRESS", url)  # the address as Ray users set it
+    rc, logs, err = cli(capsys, "logs", "cluster-job", "--follow")
+    assert rc == 0 and "job cluster-job: SUCCEEDED" in err, logs
+    assert "t2i: 3/3 rows, 1 errors" in logs and "job cluster-job: done" in logs
+    rc, out, _ = cli(capsys, "status", "cluster-job")
+    assert rc == 0 and "job cluster-job: SUCCEEDED (attempt 2, submission cluster-job-attempt-2)" in out
+    assert "started: 20" in out and "ended: 20" in out
+    rc, logs, _ = cli(capsys, "logs", "cluster-job")
+    assert rc == 0 and "t2i: 3/3 rows" in logs
+    rc, _, err = cli(capsys, *submit, "--resume")
+    assert rc == 3 and "it finished" in err
+
+    table = read_output(Storage(), str(tmp_path / "out" / "cluster-job" / "t2i"))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3
+    assert sorted(e or "" for e in table.column("error").to_pylist()) == ["", "", "prompt is empty"]
+    assert token not in out + err + logs
+
+
+def test_token_errors_are_clear_and_never_show_a_token(ray_head, clean_env, capsys, tmp_path):
+    url, token = ray_head
+    rc, out, err = cli_process({}, "status", "any-job", "--address", url)
+    assert rc == 2 and f"the cluster at {url} requires a token" in err and "RAY_AUTH_TOKEN" in err
+
+    clean_env.setenv("RAY_AUTH_TOKEN", "not-the-token-1234")
+    rc, out, err = cli(capsys, "status", "any-job", "--address", url)
+    assert rc == 2 and "refused the token from RAY_AUTH_TOKEN: it is not this cluster's token" in err
+    assert "not-the-token-1234" not in out + err
+
+    clean_env.delenv("RAY_AUTH_TOKEN")
+    (tmp_path / "token").write_text(token + "\n")
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    rc, out, err = cli(capsys, "status", "any-job", "--address", url)
+    assert rc == 2 and "no submission of job 'any-job'" in err  # authenticated: the cluster answered
+    assert token not in out + err
+
+    rc, _, err = cli_process(dict(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN=token), "status", "any-job", "--address",
+                             url)
+    assert rc == 2 and "requires a token" in err  # disabled: no token is sent, whatever else is set
+
+
+def test_token_mode_without_a_token_and_a_bad_spec_fail_before_any_request(clean_env, capsys, tmp_path):
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    clean_env.setenv("RAY_AUTH_MODE", "token")
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing-token"))
+    rc, _, err = cli(capsys, "status", "j", "--address", unreachable)
+    assert rc == 2 and f"{tmp_path / 'missing-token'} cannot be used (No such file or directory)" in err
+
+    clean_env.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    clean_env.delenv("RAY_AUTH_TOKEN_PATH")
+    rc, _, err = cli(capsys, "logs", "j", "--address", unreachable)
+    assert rc == 2 and "auth_token cannot be used" in err
+
+    rc, _, err = cli_process({}, "status", "j", "--address", unreachable)
+    assert rc == 2 and f"cannot reach the Ray Jobs API at {unreachable}" in err
+
+    (tmp_path / "bad.yaml").write_text("job_id: j\nmodel: {checkpoint: m}\ntasks:\n  - {kind: t2i, input: "
+                                       "{uris: p.jsonl, format: jsonl}, output: out, resources: {custom: {GPU: 1}}}\n")
+    rc, _, err = cli(capsys, "submit", str(tmp_path / "bad.yaml"), "--address", unreachable)
+    assert rc == 2 and "tasks[0].resources.custom: " in err and "cannot reach" not in err
+
+    clean_env.delenv("RAY_AUTH_MODE")
+    rc, _, err = cli(capsys, "status", "j")
+    assert rc == 2 and "no cluster address: pass --address http://HEAD:8265" in err
