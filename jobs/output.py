@@ -155,7 +155,10 @@ class TaskOutput:
         # 3. Each id once: larger files first claim their ids; a file with some ids claimed elsewhere is rewritten
         #    without them (new file + record that `replaces` the old one), a file with all of them claimed is dropped
         records.sort(key=lambda r: (-r["rows"], r["key"]))
-        claims = np.concatenate([r.pop("hashes") for r in records] or [np.empty(0, HASH)])  # in claiming order
+        claims, at = np.empty(sum(len(r["hashes"]) for r in records), HASH), 0  # all ids, in claiming order
+        for r in records:  # each record's hashes go as they are copied: one copy of them at a time
+            hashes = r.pop("hashes")
+            claims[at:at + len(hashes)], at = hashes, at + len(hashes)
         order, first = first_occurrences(claims)
         fresh = np.empty_like(first)
         fresh[order] = first  # True where the id's first claim is this one
