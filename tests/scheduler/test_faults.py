@@ -22,7 +22,7 @@ from jobs.output import HOLD_BEFORE_COMMIT_ENV, read_output
 from jobs.spec import parse_spec
 from jobs.storage import Storage, join
 from scheduler.driver import run_job
-from scheduler.pipeline import ACTOR_MAX_TASK_RETRIES
+from scheduler.pipeline import ACTOR_MAX_TASK_RETRIES, RETRIED_STORAGE_ERRORS
 from workers.common import EXIT_MARKER_ENV, EXIT_ON_ROW_ENV
 
 N = 12
@@ -197,14 +197,20 @@ def seaweed(tmp_path):
         server.stop()
 
 
-def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ray_session, checkpoint, seaweed):
+def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ray_session, checkpoint, seaweed,
+                                                                              tmp_path):
     from jobs.spec import StorageSpec
     from workers import T2IWorker
+
+    done_at = str(tmp_path / "batches")
 
     class SlowT2IWorker(T2IWorker):  # a steady pace, so that writes are due while the server is down
         def __call__(self, batch):
             time.sleep(0.5)
-            return super().__call__(batch)
+            out = super().__call__(batch)
+            with open(done_at, "a") as f:
+                f.write(f"{time.time()}\n")
+            return out
 
     storage = Storage(StorageSpec(endpoint_url=seaweed.url, path_style=True))
     storage.s3_client().create_bucket(Bucket="jobs")
@@ -212,13 +218,20 @@ def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ra
                                seaweed.url))
     outage = {}
 
+    def batches_done_after(t: float) -> list[float]:
+        with open(done_at) as f:
+            return [done for done in map(float, f) if done > t]
+
     def crash_the_server_after_the_first_commit(progress):
         if progress.done > 0 and not outage:
-            outage["at_rows"], start = progress.done, time.monotonic()
+            outage["at_rows"], outage["down"] = progress.done, time.time()
             seaweed.kill()
-            time.sleep(3.0)  # down for several batches: their writes fail meanwhile
+            deadline = time.time() + 120
+            while not batches_done_after(outage["down"]) and time.time() < deadline:
+                time.sleep(0.2)  # down until a batch is ready to write...
+            time.sleep(2.0)  # ...and its write has met the dead server
             seaweed.start()  # same ports, same data directory
-            outage["seconds"] = time.monotonic() - start
+            outage["up"] = time.time()
 
     try:
         results = run_job(spec, on_progress=crash_the_server_after_the_first_commit,
@@ -226,10 +239,12 @@ def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ra
         outcome = "finished by itself"
     except Exception as e:  # noqa: BLE001 -- allowed outcome: a clear error, then a re-run finishes
         print(f"the run failed: {type(e).__name__}: {str(e)[:500]}")
+        assert any(p in str(e) for p in RETRIED_STORAGE_ERRORS + ["unreachable"]), str(e)[-2000:]
         results, outcome = run_job(spec), "finished on a re-run"
-    print(f"S3 server down for {outage.get('seconds', 0):.1f}s after {outage.get('at_rows')} committed rows: the job "
-          f"{outcome}")
-    assert outage["at_rows"] < N  # the outage happened mid-job
+    during = [t for t in batches_done_after(outage["down"]) if t < outage["up"] - 1.0]
+    print(f"S3 server down for {outage['up'] - outage['down']:.1f}s after {outage['at_rows']} committed rows, "
+          f"{len(during)} batches done meanwhile: the job {outcome}")
+    assert outage["at_rows"] < N and during  # mid-job, and batches were ready to write while the server was down
     root = results["t2i"]["output"]
     assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
     rows = check_every_id_once(storage, root)  # read back from the restarted server: nothing lost on its disk
