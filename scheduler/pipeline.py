@@ -80,7 +80,7 @@ def _units_dataset(units: list[dict]):
     import ray
 
     ds = ray.data.from_items([dict(u, unit=i) for i, u in enumerate(units)], override_num_blocks=max(1, len(units)))
-    # Every stage built on this dataset shares its context: storage errors are retried in all of them
+    # The context is the driver's current DataContext (Ray shares it, no copy): every stage of every pipeline gets it
     ds.context.retried_map_errors, ds.context.max_map_retries = RETRIED_STORAGE_ERRORS, STORAGE_MAX_RETRIES
     return ds
 
