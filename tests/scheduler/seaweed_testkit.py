@@ -57,6 +57,7 @@ class SeaweedServer:
                 "-volume.preStopSeconds=0",  # stop at once (the default waits 10 s for a load balancer to notice)
                 "-master.electionTimeout=1s",  # a single master: a restart need not wait 10 s to elect itself
                 "-s3.port.iceberg=0", "-s3.port.lance=0",  # off: they would take fixed default ports
+                f"-s3.localSocket={self.data_dir}/s3.sock", f"-filer.localSocket={self.data_dir}/filer.sock",
                 *(f"-{name}={port}" for name, port in self.ports.items())]
 
     def start(self, timeout_s: float = 90.0) -> None:
@@ -97,6 +98,10 @@ class SeaweedServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a few seconds (its filer waits 15 s for gRPC streams to end)."""
         self._signal(signal.SIGTERM, grace_s=3.0)
+        for name, port in self.ports.items():  # gRPC socket files that no flag moves out of /tmp
+            path = f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock"
+            if name.endswith(".grpc") and os.path.exists(path):
+                os.unlink(path)
 
     def _signal(self, sig, grace_s: float = 30.0) -> None:
         if self.proc is None:
