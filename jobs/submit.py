@@ -35,7 +35,8 @@ ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in Ray's order of pre
 SPEC_FILE = "job.json"  # the spec's name in the job's working_dir
 ENTRYPOINT = f"flashu-batch run {SPEC_FILE} --address auto"
 EXIT_REFUSED = 3  # submit refused: the job was submitted before (distinct from 1: failed, 2: bad input)
-FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+UNSUCCESSFUL = ("FAILED", "STOPPED")  # ended states an attempt may be resumed from
+FINISHED = ("SUCCEEDED", *UNSUCCESSFUL)
 
 
 class AlreadySubmitted(Exception):
@@ -88,14 +89,13 @@ def connect(address: str | None = None):
     hidden = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
     try:
         return JobSubmissionClient(address, headers=headers)
-    except AuthenticationError as e:
+    except AuthenticationError:  # 401: no token, 403: a wrong one
         if token is None:
             raise ValueError(f"the cluster at {address} requires a token (Ray token authentication) and none was "
                              f"given: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it, or "
                              f"RAY_AUTH_MODE=token with the token in ~/.ray/auth_token (`ray get-auth-token` on the "
                              f"head prints it).") from None
-        status = "refused" if "403" in str(e) or "Forbidden" in str(e) else "did not accept"
-        raise ValueError(f"the cluster at {address} {status} the token from {source}: it is not this cluster's "
+        raise ValueError(f"the cluster at {address} rejected the token from {source}: it is not this cluster's "
                          f"token. Use the one `ray get-auth-token` prints on the head.") from None
     except ConnectionError as e:
         raise ValueError(f"cannot reach the Ray Jobs API at {address}: {e}. Pass the head's dashboard address "
@@ -160,7 +160,7 @@ def submit(spec: JobSpec, address: str | None = None, resume: bool = False) -> s
 def check_resumable(job_id: str, number: int, info, resume: bool) -> None:
     """Raise AlreadySubmitted unless `resume` and the latest attempt ended without success."""
     now = state(info)
-    if resume and now in ("FAILED", "STOPPED"):
+    if resume and now in UNSUCCESSFUL:
         return
     what = f"job {job_id!r} was already submitted (latest attempt {number}, {info.submission_id!r}, is {now})"
     if now not in FINISHED:
@@ -174,8 +174,7 @@ def check_resumable(job_id: str, number: int, info, resume: bool) -> None:
 
 def local_paths(spec: JobSpec) -> list[str]:
     """The spec's locations that are local paths: a cluster's nodes see them only on a shared filesystem."""
-    places = [spec.model.checkpoint, *(u for t in spec.tasks for u in t.input.uris), *(t.output for t in spec.tasks)]
-    return [p for p in places if not p.startswith("s3://")]
+    return [p for p in spec.locations() if not p.startswith("s3://")]
 
 
 def _when(ms: int | None) -> str:
@@ -192,26 +191,22 @@ def status_lines(client, job_id: str) -> list[str]:
     lines = [f"job {job_id}: {now} (attempt {number}, submission {info.submission_id})",
              f"  message: {info.message or '-'}",
              f"  started: {_when(info.start_time)}, ended: {_when(info.end_time)}{took}"]
-    if now in ("FAILED", "STOPPED"):
+    if now in UNSUCCESSFUL:
         lines.append("  resume: flashu-batch submit SPEC --resume (committed rows are kept and skipped)")
     return lines
 
 
-def print_logs(client, job_id: str, follow: bool = False, out=None) -> str:
+def print_logs(client, job_id: str, follow: bool = False) -> str:
     """Print the latest attempt's logs (with follow: as they come, until it ends) -> its state afterwards."""
     import asyncio
-    import sys
 
-    out = out or sys.stdout
     _, info = latest(client, job_id)
     if follow:
         async def tail():
             async for chunk in client.tail_job_logs(info.submission_id):
-                out.write(chunk)
-                out.flush()
+                print(chunk, end="", flush=True)
 
         asyncio.run(tail())
     else:
-        out.write(client.get_job_logs(info.submission_id))
-    out.flush()
+        print(client.get_job_logs(info.submission_id), end="", flush=True)
     return state(client.get_job_info(info.submission_id))

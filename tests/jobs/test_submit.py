@@ -4,13 +4,13 @@ authentication on, one custom resource), started once for this module and stoppe
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -62,40 +62,69 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """(dashboard URL, token) of a Ray head on 127.0.0.1 with RAY_AUTH_MODE=token and {"t2i": 1}."""
-    token = secrets.token_hex(32)
+class HeadDidNotStart(RuntimeError):
+    pass
+
+
+def start_head(token: str) -> tuple[subprocess.Popen, str, str]:
+    """`ray start --head --block` in a session of its own -> (process, dashboard URL, temp dir)."""
     temp = tempfile.mkdtemp(prefix="fbh", dir="/tmp")  # short: Ray's socket paths live under it
     ports = {name: free_port() for name in HEAD_PORTS}
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               DASHBOARD_METRIC_PORT=str(free_port()),  # a fixed default otherwise, taken by any other dashboard
+               # the dashboard's start limits (60 s, 30 s a module) are short for a busy 2-core machine
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S="240", RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="180")
     cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            "--include-dashboard=true", "--num-cpus=2", '--resources={"t2i": 1}', "--disable-usage-stats",
            f"--temp-dir={temp}", *(f"--{name}={port}" for name, port in ports.items())]
     with open(os.path.join(temp, "head.log"), "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        wait_for_jobs_api(url, token, proc)
-        yield url, token
-    finally:
-        stop_session(proc.pid)
-        proc.wait(timeout=30)
-        subprocess.run(["rm", "-rf", temp], check=False)
+    return proc, f"http://127.0.0.1:{ports['dashboard-port']}", temp
 
 
-def wait_for_jobs_api(url: str, token: str, proc, timeout_s: float = 120) -> None:
+def wait_for_head(proc, url: str, token: str, temp: str, timeout_s: float = 300) -> None:
+    """Until `ray start` says the runtime started (the dashboard answers earlier, and goes away again when a late
+    raylet makes `ray start` give up) and the Jobs API answers with this token."""
     deadline = time.monotonic() + timeout_s
     request = urllib.request.Request(url + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-    while True:
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open(os.path.join(temp, "head.log")) as f:
+            started = "Ray runtime started" in f.read()
         try:
-            urllib.request.urlopen(request, timeout=5).close()
-            return
-        except (OSError, urllib.error.HTTPError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not serve the Jobs API at {url} (exit code {proc.poll()})")
-            time.sleep(0.5)
+            if started:
+                urllib.request.urlopen(request, timeout=5).close()
+                return
+        except OSError:  # HTTPError (a subclass) while the job module loads
+            pass
+        time.sleep(0.5)
+    with open(os.path.join(temp, "head.log")) as f:
+        raise HeadDidNotStart(f"the Ray head did not start at {url} (exit code {proc.poll()}):\n{f.read()[-3000:]}")
+
+
+def stop_head(proc, temp: str) -> None:
+    stop_session(proc.pid)
+    proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(dashboard URL, token) of a Ray head on 127.0.0.1 with RAY_AUTH_MODE=token and {"t2i": 1}."""
+    token = secrets.token_hex(32)
+    for attempt in range(3):  # Ray gives a raylet a fixed 30 s to register: a very busy machine can miss it
+        proc, url, temp = start_head(token)
+        try:
+            wait_for_head(proc, url, token, temp)
+            break
+        except HeadDidNotStart:
+            stop_head(proc, temp)
+            if attempt == 2:
+                raise
+    try:
+        yield url, token
+    finally:
+        stop_head(proc, temp)
 
 
 @pytest.fixture
@@ -133,13 +162,13 @@ def test_submit_refuses_a_second_submission_resumes_a_failed_job_and_reports(ray
     submit = ["submit", str(tmp_path / "job.json"), "--address", url]
 
     rc, out, err = cli(capsys, *submit)
-    assert rc == 0 and "submitted job cluster-job as cluster-job;" in out
+    assert rc == 0 and "submitted job cluster-job as cluster-job;" in out, err
     assert "local paths" in err  # the spec's paths are seen by this one-machine cluster only
     rc, _, err = cli(capsys, *submit)
     assert rc == 3 and "job 'cluster-job' was already submitted" in err  # idempotent: one job, not two
 
     rc, logs, err = cli(capsys, "logs", "cluster-job", "--address", url, "--follow")
-    assert rc == 1 and "job cluster-job: FAILED" in err and "does not exist" in logs
+    assert rc == 1 and "job cluster-job: FAILED" in err and "does not exist" in logs, err + logs
     clean_env.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # an explicit --address wins over the environment
     rc, out, _ = cli(capsys, "status", "cluster-job", "--address", url)
     assert rc == 0 and "job cluster-job: FAILED (attempt 1, submission cluster-job)" in out and "--resume" in out
@@ -149,7 +178,7 @@ def test_submit_refuses_a_second_submission_resumes_a_failed_job_and_reports(ray
 
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a red circle", "two cats", "")))
     rc, out, _ = cli(capsys, *submit, "--resume")
-    assert rc == 0 and "as cluster-job-attempt-2;" in out
+    assert rc == 0 and "as cluster-job-attempt-2;" in out, err
     rc, _, err = cli(capsys, *submit, "--resume")
     assert rc == 3 and "still going" in err  # an active attempt is never doubled
 
@@ -179,7 +208,7 @@ def test_token_errors_are_clear_and_never_show_a_token(ray_head, clean_env, caps
 
     clean_env.setenv("RAY_AUTH_TOKEN", "not-the-token-1234")
     rc, out, err = cli(capsys, "status", "any-job", "--address", url)
-    assert rc == 2 and "refused the token from RAY_AUTH_TOKEN: it is not this cluster's token" in err
+    assert rc == 2 and "rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token" in err
     assert "not-the-token-1234" not in out + err
 
     clean_env.delenv("RAY_AUTH_TOKEN")
