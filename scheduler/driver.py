@@ -85,6 +85,11 @@ def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> 
     if address:
         ray.init(address=address, **kwargs)
         return False
+    custom = sorted({name for t in spec.tasks for name in t.resources.custom})
+    if custom:  # refused before starting a Ray that cannot have them: a pool asking for one would wait forever
+        raise ValueError(f"resources.custom asks for {custom}, which only a cluster's node types provide (see "
+                         f"ray_cluster.yaml); a local Ray has none. Submit the job to such a cluster (flashu-batch "
+                         f"submit, or run --address), or drop resources.custom to run it here.")
     # Logical CPUs are scheduling tokens: make room for the largest pool plus its read/validate/write tasks.
     need = max(t.resources.workers * t.resources.cpus_per_worker for t in spec.tasks) + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), **kwargs)

@@ -162,15 +162,18 @@ def test_custom_resources_are_checked_in_the_spec(tmp_path, custom, message):
                                                 output="o")])).tasks[0].resources.custom == {}
 
 
-def test_a_local_run_refuses_custom_resources_it_cannot_have(tmp_path):
-    """A local Ray has no custom resources: a pool that asks for them would wait forever, so the run refuses."""
+def test_a_local_run_refuses_custom_resources_before_starting_ray(tmp_path):
+    """A local Ray has no custom resources: a pool that asks for them would wait forever, so the run refuses, before
+    it starts a Ray at all."""
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n')
     (tmp_path / "job.json").write_text(json.dumps(custom_spec(tmp_path, {"t2i": 1})))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.json"), "--quiet"],
+    code = ("import sys; from jobs.cli import main; rc = main(sys.argv[1:]); import ray; "
+            "print('ray started' if ray.is_initialized() else 'ray not started'); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "job.json"), "--quiet"],
                             env=dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), capture_output=True, text=True,
-                            timeout=300)
+                            timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert ("tasks 't2i': the actor pool does not fit: 2 workers x 1 't2i' = 2, the cluster has 0 (custom "
-            "resources come from its node types") in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert ("resources.custom asks for ['t2i'], which only a cluster's node types provide (see ray_cluster.yaml); "
+            "a local Ray has none.") in result.stderr
+    assert "ray not started" in result.stdout and not (tmp_path / "out").exists()
