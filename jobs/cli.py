@@ -22,6 +22,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    from jobs.preview import write_preview
+
+    shown = write_preview(args.output, args.out, limit=args.limit)
+    print(f"{shown} rows -> {args.out}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from jobs.spec import load_spec
 
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="checkpoint folder or s3:// prefix (default: a small model built into ./out/model)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("preview", help="draw a contact sheet (PNG) of a job's committed results")
+    p.add_argument("output", help="a task output folder <output>/<job_id>/<task>, or a job's <output>/<job_id>; "
+                                  "local or s3://")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--limit", type=int, default=16, help="rows shown per task (default 16)")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("run", help="run a batch job spec (YAML or JSON) on Ray: t2i and/or vqa over a dataset")
     p.add_argument("spec", help="job spec file (see jobs/spec.py and examples/)")

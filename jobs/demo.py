@@ -2,9 +2,10 @@
 
 It runs examples/demo.yaml through the same path as a production job (spec -> local Ray -> Ray Data pipelines
 with an actor pool per task -> Parquet with commit records -> `_SUCCESS` and metrics): text-to-image on
-examples/t2i_prompts.jsonl and VQA on examples/vqa_questions.jsonl. With no --model it builds the tiny
-seeded-random checkpoint first. Output: <out>/demo/{t2i,vqa}/. Running it again resumes the job: rows already
-committed are skipped (delete <out>/demo to start over).
+examples/t2i_prompts.jsonl and VQA on examples/vqa_questions.jsonl, with tiny-shapes (the small trained Show-o2
+shipped in showo2/checkpoints/) unless --model names another checkpoint. Output: <out>/demo/{t2i,vqa}/ and a contact
+sheet <out>/demo/preview.png. Running it again resumes the job: rows already committed are skipped (delete
+<out>/demo to start over).
 """
 
 import os
@@ -12,8 +13,8 @@ import os
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def demo_spec(out: str, model: str):
-    """examples/demo.yaml with the model and output folder of this run."""
+def demo_spec(out: str, model: str | None = None):
+    """examples/demo.yaml with the output folder (and the model, unless None: the shipped tiny-shapes) of this run."""
     import yaml
 
     from jobs.spec import parse_spec
@@ -24,7 +25,8 @@ def demo_spec(out: str, model: str):
                          f"(pip install -e . from the repository).")
     with open(path) as f:
         raw = yaml.safe_load(f)
-    raw["model"]["checkpoint"] = os.path.abspath(model)
+    if model is not None:
+        raw["model"]["checkpoint"] = os.path.abspath(model)
     for task in raw["tasks"]:
         task["output"] = os.path.abspath(out)
     return parse_spec(raw, EXAMPLES)
@@ -32,19 +34,17 @@ def demo_spec(out: str, model: str):
 
 def run_demo(out: str, model: str | None = None) -> None:
     from jobs.output import read_output
+    from jobs.preview import write_preview
     from jobs.run import ProgressPrinter, summary_lines
     from jobs.storage import Storage
     from scheduler.driver import run_job
 
     os.makedirs(out, exist_ok=True)
-    if model is None:
-        model = os.path.join(out, "model")
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            from showo2.tiny import build_tiny_checkpoint
-
-            print(f"building the tiny random-weight Show-o2 checkpoint in {model}")
-            build_tiny_checkpoint(model)
     spec = demo_spec(out, model)
+    local_model = not spec.model.checkpoint.startswith("s3://")
+    if local_model and not os.path.isfile(os.path.join(spec.model.checkpoint, "config.json")):
+        raise ValueError(f"no checkpoint at {spec.model.checkpoint!r} (config.json missing): the shipped tiny-shapes "
+                         f"model comes with a source checkout; or pass --model DIR.")
     results = run_job(spec, quiet=True, on_progress=ProgressPrinter())
 
     for name, result in results.items():
@@ -59,3 +59,6 @@ def run_demo(out: str, model: str | None = None) -> None:
             text = row.get("prompt") if name == "t2i" else row.get("question")
             print(f"{name}  {row['id'][:12]:12}  {text!r} -> {shown}")
     print("\n".join(summary_lines(spec, results)))
+    sheet = os.path.join(out, spec.job_id, "preview.png")
+    write_preview(os.path.join(out, spec.job_id), sheet)
+    print(f"contact sheet of the results: {sheet}")

@@ -1,13 +1,17 @@
 """`flashu-batch run` and `flashu-batch demo` on the session's Ray, and the shipped example specs."""
 
+import io
 import json
 import os
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from jobs.cli import main
 from jobs.demo import EXAMPLES, run_demo
 from jobs.output import read_output
+from jobs.preview import ERROR_INK, LINE_HEIGHT, TEXT_LINES, TILE
 from jobs.spec import load_spec
 from jobs.storage import Storage
 
@@ -27,8 +31,35 @@ def test_demo_runs_both_tasks_and_resumes(ray_session, checkpoint, tmp_path, cap
     vqa = read_output(Storage(), str(tmp_path / "demo" / "vqa"))
     assert t2i.num_rows == 6 and vqa.num_rows == 4
     assert [r["error"] for r in vqa.to_pylist() if r["id"] == "q-missing"][0].endswith("not_there.png' does not exist")
+    sheet = tmp_path / "demo" / "preview.png"
+    assert f"contact sheet of the results: {sheet}" in printed
+    assert Image.open(sheet).size == (4 * (TILE + 6) + 6, 3 * (TILE + TEXT_LINES * LINE_HEIGHT + 8 + 6) + 6)  # 10 tiles
     run_demo(str(tmp_path), model=checkpoint)
     assert "this run 0 rows" in capsys.readouterr().out
+
+
+def test_preview_draws_the_committed_rows(ray_session, checkpoint, tmp_path, capsys):
+    run_demo(str(tmp_path), model=checkpoint)
+    capsys.readouterr()
+    root = str(tmp_path / "demo" / "t2i")
+    assert main(["preview", root, "--out", str(tmp_path / "t2i.png"), "--limit", "2"]) == 0
+    assert "2 rows -> " in capsys.readouterr().out
+    sheet = np.asarray(Image.open(tmp_path / "t2i.png"))
+    assert sheet.shape == (TILE + TEXT_LINES * LINE_HEIGHT + 8 + 12, 2 * (TILE + 6) + 6, 3)
+    # the first tile holds the first committed image, scaled up by a whole factor (nearest neighbour), centred
+    first = read_output(Storage(), root).to_pylist()[0]
+    image = np.asarray(Image.open(io.BytesIO(first["image"]["bytes"])).convert("RGB"))
+    k = TILE // max(image.shape[:2])
+    big = image.repeat(k, axis=0).repeat(k, axis=1)
+    top, left = 6 + (TILE - big.shape[0]) // 2, 6 + (TILE - big.shape[1]) // 2
+    assert np.array_equal(sheet[top:top + big.shape[0], left:left + big.shape[1]], big)
+    # an error row's text is drawn in the error colour
+    assert main(["preview", str(tmp_path / "demo"), "--out", str(tmp_path / "all.png")]) == 0
+    assert (np.asarray(Image.open(tmp_path / "all.png")) == ERROR_INK).all(axis=-1).any()
+    # nothing committed there: a clear error, no file
+    (tmp_path / "empty").mkdir()
+    assert main(["preview", str(tmp_path / "empty"), "--out", str(tmp_path / "none.png")]) == 2
+    assert "holds no committed task results" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
 
 
 def test_run_command_prints_progress_and_a_summary(ray_session, checkpoint, tmp_path, capsys):
