@@ -124,11 +124,15 @@ def many_prompts(storage, base, n=12) -> dict:
     return dict(t2i=join(base, "many.jsonl"), vqa="")
 
 
-def check_exactly_once(storage, root, n, results):
+def check_exactly_once(storage, root, n, results, orphans_allowed=False):
+    """Every id once in what readers see; every file `_SUCCESS` lists exists; and (unless orphans_allowed) no other
+    data object is left. An in-process driver "crash" leaves the crashed run's in-flight write tasks running in the
+    shared test Ray (a real driver death takes them down with it): their late files are orphans no reader sees."""
     ids = read_output(storage, root).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == n and results["t2i"]["rows"] == n and results["t2i"]["errors"] == 0
     listed = sorted(f["file"] for f in json.loads(storage.read_bytes(join(root, "_SUCCESS")))["files"])
-    assert listed == sorted(u.split(root.rstrip("/") + "/")[-1] for u in data_objects(storage, root))
+    present = sorted(u.split(root.rstrip("/") + "/")[-1] for u in data_objects(storage, root))
+    assert set(listed) <= set(present) if orphans_allowed else listed == present
 
 
 def test_a_worker_failing_midway_then_rerun_has_every_id_exactly_once(ray_session, checkpoint, place):
@@ -173,7 +177,7 @@ def test_a_driver_killed_midway_then_rerun_has_every_id_exactly_once(ray_session
         run_job(spec, on_progress=crash_after_first_commit)
     root = str(tmp_path / "out" / "driver-crash" / "t2i")
     assert not storage.exists(join(root, "_SUCCESS"))
-    check_exactly_once(storage, root, 12, run_job(spec))
+    check_exactly_once(storage, root, 12, run_job(spec), orphans_allowed=True)
 
 
 def test_repeated_ids_the_first_row_runs_later_ones_are_reported_and_a_rerun_agrees(ray_session, checkpoint,
