@@ -224,9 +224,10 @@ def _slices(files: list[dict], max_bytes: int):
         yield part
 
 
-def read_output(storage: Storage, root: str) -> pa.Table:
+def read_output(storage: Storage, root: str, limit: int | None = None) -> pa.Table:
     """A task's committed rows: the files `_SUCCESS` lists, or (for a job still running or interrupted) the files
-    the commit records name, deduplicated by id. Orphan data files are never read."""
+    the commit records name, deduplicated by id. Orphan data files are never read. With `limit`, only the first
+    files, until they hold that many rows, are read, and the first `limit` rows returned."""
     out = TaskOutput(storage, root)
     manifest = out.manifest()
     if manifest is not None:
@@ -237,6 +238,8 @@ def read_output(storage: Storage, root: str) -> pa.Table:
         kind = None
     tables = []
     for rel in files:
+        if limit is not None and sum(t.num_rows for t in tables) >= limit:
+            break
         fs, path = storage.arrow_fs(join(root, rel))
         tables.append(pq.read_table(path, filesystem=fs))
     if not tables:
@@ -249,4 +252,4 @@ def read_output(storage: Storage, root: str) -> pa.Table:
                 seen.add(row_id)
                 keep.append(i)
         table = table.take(pa.array(keep, pa.int64()))
-    return table
+    return table if limit is None else table.slice(0, limit)

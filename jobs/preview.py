@@ -82,9 +82,9 @@ def contact_sheet(storage: Storage, output: str, limit: int = 16, columns: int =
     font = ImageFont.load_default()
     tiles = []
     for root in task_roots(storage, output):
-        table = read_output(storage, root)
+        table = read_output(storage, root, limit)  # only the files that hold the first `limit` rows are read
         kind = "t2i" if "prompt" in table.column_names else "vqa"
-        for row in table.slice(0, limit).to_pylist():
+        for row in table.to_pylist():
             tile = Image.new("RGB", (TILE, TILE + TEXT_LINES * LINE_HEIGHT + 8), BACKGROUND)
             draw = ImageDraw.Draw(tile)
             picture = tile_image(storage, row, kind)

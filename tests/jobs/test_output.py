@@ -99,3 +99,16 @@ def test_empty_and_t2i_schema(tmp_path):
     output = TaskOutput(Storage(), str(tmp_path / "t2i"))
     summary = output.finalize("job", "t2i", "t2i", {})
     assert summary["rows"] == 0 and read_output(output.storage, output.root).schema == T2I_SCHEMA
+
+
+def test_read_output_with_a_limit_reads_only_the_first_files(output):
+    for ids in (["a", "b"], ["c", "d"], ["e", "f"]):
+        output.write_and_commit(rows(ids))
+    files = sorted(r["file"] for r in output.commits())
+    last = join(output.root, files[-1])
+    fs, path = output.storage.arrow_fs(last)
+    fs.delete_file(path)  # never reached when the first two files hold the limit (a full read would fail)
+    limited = read_output(output.storage, output.root, limit=3)
+    assert limited.num_rows == 3 and limited.schema == VQA_SCHEMA
+    with pytest.raises(FileNotFoundError):
+        read_output(output.storage, output.root)
