@@ -188,11 +188,11 @@ class TaskOutput:
         self.storage.write_bytes(join(self.root, "metrics.json"), json.dumps(metrics, indent=1).encode())
         for r in superseded:
             self.storage.delete(join(self.root, "_commits", f"{r['key']}.json"))
-        kept_files = {f["file"] for f in files}
+        kept_files, superseded_files = {f["file"] for f in files}, {r["file"] for r in superseded}
         now = time.time()
         for rel, f in data_files.items():
             stale = f["mtime"] is None or now - f["mtime"] > ORPHAN_GRACE_S
-            if rel not in kept_files and (any(rel == r["file"] for r in superseded) or stale):
+            if rel not in kept_files and (rel in superseded_files or stale):
                 self.storage.delete(f["uri"])
         return dict(manifest, metrics=metrics)
 
