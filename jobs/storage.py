@@ -92,14 +92,17 @@ class Storage:
     def s3_client(self):
         """boto3 S3 client: full endpoint URL, region, addressing style; credentials from the environment."""
         if self._s3 is None:
-            import boto3
-            from botocore.config import Config
-
-            self._s3 = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                config=Config(s3={"addressing_style": self._addressing_style}, connect_timeout=CONNECT_TIMEOUT_S,
-                              read_timeout=READ_TIMEOUT_S, retries={"mode": "standard", "max_attempts": ATTEMPTS}))
+            self._s3 = self._new_s3_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS)
         return self._s3
+
+    def _new_s3_client(self, connect_timeout: float, read_timeout: float, attempts: int):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            config=Config(s3={"addressing_style": self._addressing_style}, connect_timeout=connect_timeout,
+                          read_timeout=read_timeout, retries={"mode": "standard", "max_attempts": attempts}))
 
     @property
     def _addressing_style(self) -> str:
@@ -158,14 +161,9 @@ class Storage:
         buckets = sorted({split_s3(u)[0] for u in uris if is_s3(u)})
         if not buckets:
             return
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-        probe = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-            config=Config(s3={"addressing_style": self._addressing_style}, connect_timeout=PROBE_TIMEOUT_S,
-                          read_timeout=PROBE_TIMEOUT_S, retries={"mode": "standard", "max_attempts": PROBE_ATTEMPTS}))
+        probe = self._new_s3_client(PROBE_TIMEOUT_S, PROBE_TIMEOUT_S, PROBE_ATTEMPTS)
         endpoint = _without_userinfo(self.endpoint_url) if self.endpoint_url else f"AWS S3 ({self.region})"
         for bucket in buckets:
             try:
