@@ -52,9 +52,12 @@ def load(checkpoint: str | None) -> tuple[str, Showo2Pipeline]:
 
 VQA_ABLATIONS = {
     "FFN pruning 0.2": dict(ffn_prune_ratio=0.2, token_prune_ratio=0.0, layer_skip_ratio=0.0),
-    "token pruning 0.25": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.25, layer_skip_ratio=0.0),
-    "token pruning 0.5": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.5, layer_skip_ratio=0.0),
-    "token pruning 0.75": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.75, layer_skip_ratio=0.0),
+    "token pruning 0.25": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.25, token_prune_min_kept=0,
+                              layer_skip_ratio=0.0),
+    "token pruning 0.5": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.5, token_prune_min_kept=0,
+                              layer_skip_ratio=0.0),
+    "token pruning 0.75": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.75, token_prune_min_kept=0,
+                              layer_skip_ratio=0.0),
     "layer skipping 0.2 / 4": dict(ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.2),
     "defaults": {},
 }

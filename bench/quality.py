@@ -48,7 +48,8 @@ VARIANTS = {
     "t2i: layer skipping": (dict(GEN_OFF, layer_skip_ratio=0.2), SKIP),
     "t2i: head cache": (dict(GEN_OFF, head_cache_interval=5), SKIP),
     "vqa: FFN pruning": (SKIP, dict(UND_OFF, ffn_prune_ratio=0.2)),
-    "vqa: token pruning": (SKIP, dict(UND_OFF, token_prune_ratio=0.75)),
+    # the technique itself: without the default floor of kept tokens, which leaves a 16-token grid unpruned
+    "vqa: token pruning": (SKIP, dict(UND_OFF, token_prune_ratio=0.75, token_prune_min_kept=0)),
     "vqa: layer skipping": (SKIP, dict(UND_OFF, layer_skip_ratio=0.2)),
 }
 

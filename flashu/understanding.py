@@ -73,6 +73,11 @@ class UnderstandingSpecialist:
         """Keyword arguments that make `Showo2Pipeline.answer` run this specialist."""
         return dict(decode_fn=self.greedy_answers)
 
+    def pruned_token_count(self) -> int:
+        """Image tokens that V-norm pruning drops: the ratio's share, keeping at least `token_prune_min_kept`."""
+        n = self.model.config.num_image_tokens
+        return max(0, min(int(self.config.token_prune_ratio * n), n - self.config.token_prune_min_kept))
+
     def run_layer(self, i, h, **kwargs):
         layer = self.model.showo.model.layers[i]
         if self.ffn_widths[i] == layer.mlp.down_proj.in_features:
@@ -86,9 +91,9 @@ class UnderstandingSpecialist:
         h, layer_real, importance = embeds, [], []
         pe = llm.rotary_emb(h, position_ids)
         mask = additive_mask(allowed, h.dtype)
+        drop = self.pruned_token_count()
         for i in range(len(llm.layers)):
-            if i == cfg.token_prune_layer and cfg.token_prune_ratio > 0:
-                drop = int(cfg.token_prune_ratio * self.model.config.num_image_tokens)
+            if i == cfg.token_prune_layer and drop > 0:
                 kept = kept_token_indices(value_norms(llm.layers[i], h), image, drop)  # (B, L')
                 h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
                 position_ids, real = position_ids.gather(1, kept), real.gather(1, kept)

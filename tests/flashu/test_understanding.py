@@ -29,6 +29,7 @@ def batch(model, question_lengths, seed=0):
 
 
 def specialist(model, **knobs):
+    knobs.setdefault("token_prune_min_kept", 0)  # the test models' 16-token grids are under the default floor
     config = FlashUUnderstandingConfig(**knobs)
     return UnderstandingSpecialist(model, kept_widths(model, config.ffn_prune_ratio, config.ffn_width_multiple),
                                    config)
@@ -173,3 +174,21 @@ def test_understanding_calibration_is_its_own(make_tiny_model):
     assert any(not torch.equal(u.argsort(), g.argsort()) for u, g in zip(und, gen))
     spec = specialize_understanding(model, und, FlashUUnderstandingConfig())
     assert spec.ffn_widths == (192,) * 8
+
+
+def test_token_pruning_keeps_at_least_the_floor(make_tiny_model):
+    model = deep(make_tiny_model, seed=8)  # 16 image tokens
+    rows, latents = batch(model, [5, 9], seed=8)
+    assert specialist(model, token_prune_ratio=0.75).pruned_token_count() == 12
+    assert specialist(model, token_prune_ratio=0.75, token_prune_min_kept=10).pruned_token_count() == 6
+    floored = FlashUUnderstandingConfig(ffn_prune_ratio=0.0)  # defaults: rho 0.75, at least 64 tokens kept
+    spec = UnderstandingSpecialist(model, kept_widths(model, 0.0, 64), floored)
+    assert spec.pruned_token_count() == 0
+    exact = specialist(model, ffn_prune_ratio=0.0, token_prune_ratio=0.0)
+    assert answers(spec, rows, latents) == answers(exact, rows, latents)
+
+
+def test_token_pruning_floor_leaves_full_size_grids_alone():
+    config = FlashUUnderstandingConfig()
+    n = 729  # 27 x 27 tokens of the 432-px release
+    assert config.token_prune_min_kept < n - int(config.token_prune_ratio * n)
