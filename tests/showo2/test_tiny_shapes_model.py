@@ -14,10 +14,9 @@ from showo2.loading import load_showo2
 from showo2.pipeline import Showo2Pipeline
 
 FOLDER = world.CHECKPOINTS["tiny-shapes"]
-# Floors well under the shipped model's scores on these small samples (README: the full-size table), so sampling
-# noise does not trip them while a broken model (random weights score ~0 on both) does. The shipped model is still
-# short of the issue's targets (T2I overall 0.8, VQA 0.9): per-object correctness is the T2I floor for now.
-T2I_OBJECT_FLOOR, VQA_FLOOR = 0.45, 0.6
+# Floors well under the shipped model's scores on these small samples (README: the full-size table, T2I overall 96%,
+# VQA 67%), so sampling noise does not trip them while a broken model (random weights score ~0 on both) does.
+T2I_OVERALL_FLOOR, VQA_FLOOR = 0.75, 0.55
 N_T2I, N_VQA, STEPS = 24, 90, 20
 
 
@@ -55,7 +54,7 @@ def test_loader_is_strict_about_the_shipped_weights(tmp_path):
 def test_draws_held_out_captions(pipe):
     scenes = world.heldout_t2i_set(N_T2I, seed=7)
     scores, _ = quality.evaluate_t2i(pipe, scenes, steps=STEPS, guidance=quality.DEFAULTS["guidance"])
-    assert scores["object"] >= T2I_OBJECT_FLOOR and scores["position"] >= 0.9, scores
+    assert scores["overall"] >= T2I_OVERALL_FLOOR and scores["position"] >= 0.9, scores
 
 
 def test_answers_held_out_questions(pipe):
@@ -73,15 +72,15 @@ def test_flashu_generation_specialist_keeps_the_drawings():
     fast = quality.Runner(FOLDER, {}, quality.SKIP, guidance=guidance, calibration=8)
     assert fast.gen.config.num_inference_steps == 35 and fast.gen.config.head_cache_interval == 5
     scores = [quality.evaluate_t2i(r, scenes, steps=50, guidance=guidance)[0] for r in (base, fast)]
-    assert scores[1]["object"] >= scores[0]["object"] - 0.1 and scores[1]["object"] >= T2I_OBJECT_FLOOR, scores
+    assert scores[1]["overall"] >= max(scores[0]["overall"] - 0.1, T2I_OVERALL_FLOOR), scores
 
 
-def test_flashu_vqa_ffn_pruning_keeps_the_answers():
-    """Understanding FFN pruning alone (r_p 0.2) keeps the answers; V-norm token pruning at its default rho 0.75
-    does not on this 16-image-token model (README), so it is not held to a floor here."""
+def test_flashu_vqa_specialist_keeps_the_answers():
+    """The understanding specialist at its defaults (FFN pruning r_p 0.2; V-norm token pruning at rho 0.75 is held
+    off by the kept-token floor on this 16-image-token grid) keeps the answers."""
     items = world.heldout_vqa_set(N_VQA, seed=8)
-    base = quality.Runner(FOLDER, quality.SKIP, None, guidance=4.0, calibration=0)
-    fast = quality.Runner(FOLDER, quality.SKIP, dict(quality.UND_OFF, ffn_prune_ratio=0.2), guidance=4.0,
-                          calibration=8)
+    base = quality.Runner(FOLDER, quality.SKIP, None, guidance=quality.DEFAULTS["guidance"], calibration=0)
+    fast = quality.Runner(FOLDER, quality.SKIP, {}, guidance=quality.DEFAULTS["guidance"], calibration=8)
+    assert fast.und.config.token_prune_ratio == 0.75 and fast.und.pruned_token_count() == 0
     accuracy = [quality.evaluate_vqa(r, items)[0]["accuracy"] for r in (base, fast)]
     assert accuracy[1] >= accuracy[0] - 0.05 and accuracy[1] >= VQA_FLOOR, accuracy

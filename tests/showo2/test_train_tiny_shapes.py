@@ -76,6 +76,23 @@ def test_vqa_rows_supervise_only_the_answers_and_their_end():
         assert torch.equal(labels[row][kept], seqs.input_ids[row][kept])
 
 
+def test_caption_answers_list_the_objects_in_reading_order():
+    tokenizer = train.build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    scenes = [s for s in world.sample_scenes("train", 60, seed=1) if len(s.objects) == 3][:8]
+    batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0, caption_order="reading")
+    seqs, labels = batcher.vqa(list(range(len(scenes))), turns=1, caption_rows=1.0)
+    reading = ("top", "left", "center", "right", "bottom")
+    shuffled = 0
+    for row, scene in enumerate(scenes):
+        answer = tokenizer.decode([t for t in labels[row].tolist() if t != -100]).removesuffix("<|im_end|>")
+        objects = world.parse_caption(answer)
+        assert set(objects) == set(scene.objects)  # the same scene, described whole
+        assert [o.position for o in objects] == sorted((o.position for o in objects), key=reading.index)
+        shuffled += objects != scene.objects
+    assert shuffled  # the scenes' own (prompt) order differs: the reading order is the answer's, not theirs
+
+
 def test_normalised_latents_have_unit_statistics():
     torch.manual_seed(0)
     vae = train.WanVAE(train.vae_config()).eval()
