@@ -81,6 +81,8 @@ class TrainArgs:
     ffn: int = 384
     head_ffn: int = 256
     head_layers: int = 2
+    semantic_width: int = 64  # the SigLIP-style semantic path on the latents (clip_latent_dim)
+    semantic_layers: int = 2
     steps: int = 7500  # alternate: 3750 T2I and 3750 VQA updates
     t2i_batch: int = 16
     vqa_batch: int = 16
@@ -109,18 +111,21 @@ def vae_config(latents_mean=(0.0,) * Z_DIM, latents_std=(1.0,) * Z_DIM) -> VAECo
 
 
 def model_config(vocab_size: int, width: int = 128, layers: int = 8, ffn: int = 384, head_ffn: int = 256,
-                 head_layers: int = 2) -> Showo2Config:
+                 head_layers: int = 2, semantic_width: int = 64, semantic_layers: int = 2) -> Showo2Config:
     """The tiny-shapes Show-o2: the "tiny" preset made deeper and wider (8 LLM layers, so that layer skipping and
     pruning have room), 64x64 pixels -> 8x8x8 latent -> 4x4 = 16 image tokens (patch 2). 4 query / 2 key-value
     heads everywhere; the flow head has the LLM's width."""
     llm = dict(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
                vocab_size=vocab_size, tie_word_embeddings=True, hidden_act="silu")
-    siglip = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    # num_hidden_layers is one more than the layers used: the release drops SigLIP's last layer
+    siglip = dict(hidden_size=semantic_width, intermediate_size=2 * semantic_width,
+                  num_hidden_layers=semantic_layers + 1, num_attention_heads=4,
                   hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, image_size=56, patch_size=14)
     head = FlowHeadConfig(hidden_size=width, head_dim=width // 4, intermediate_size=head_ffn, num_attention_heads=4,
                           num_key_value_heads=2)
-    return Showo2Config(llm=llm, siglip=siglip, llm_vocab_size=vocab_size, hidden_size=width, clip_latent_dim=64,
+    return Showo2Config(llm=llm, siglip=siglip, llm_vocab_size=vocab_size, hidden_size=width,
+                        clip_latent_dim=semantic_width,
                         image_latent_dim=Z_DIM, image_latent_height=4, image_latent_width=4, patch_size=2,
                         num_diffusion_layers=head_layers, head=head)
 
@@ -483,7 +488,8 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     tokenizer = build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers))
+    model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers,
+                                args.semantic_width, args.semantic_layers))
     broadcast_weights(model, procs)
     log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
     batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3 + 1000 * rank,
