@@ -104,3 +104,18 @@ def test_normalised_latents_have_unit_statistics():
     # the shipped VAE's own normalisation gives the same latents
     with torch.no_grad():
         assert torch.allclose(final.encode(train.to_pixels(images)), latents, atol=1e-4)
+
+
+def test_default_arguments_build_the_shipped_architecture():
+    """The script's defaults describe the shipped checkpoint, so retraining with them reproduces its shapes."""
+    from showo2.config import Showo2Config
+
+    shipped = Showo2Config.from_pretrained(world.CHECKPOINTS["tiny-shapes"])
+    args = train.TrainArgs()
+    built = train.model_config(len(train.build_world_tokenizer()), args.width, args.layers, args.ffn, args.head_ffn,
+                               args.head_layers, args.semantic_width, args.semantic_layers)
+    for field in ("hidden_size", "clip_latent_dim", "image_latent_dim", "patch_size", "num_diffusion_layers",
+                  "llm_vocab_size", "num_und_layers"):
+        assert getattr(built, field) == getattr(shipped, field), field
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
+        assert built.llm[key] == shipped.llm[key] and built.siglip[key] == shipped.siglip[key], key
