@@ -96,6 +96,7 @@ class TrainArgs:
     vqa_weight: float = 1.0
     alternate: int = 1  # 1: one task per step, T2I and VQA in turn; 0: both losses summed in every step
     vqa_lr_scale: float = 0.25  # alternate: VQA steps use lr x this (at 4e-3 the answer loss stalls at the priors)
+    vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     time_shift: float = 3.0
     ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
     # bfloat16 autocast for the Show-o2 matmuls: off. Measured at 2000 steps, seed 0: float32 is faster on this CPU
@@ -362,7 +363,8 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
     fm_avg = ce_avg = None
     for step in range(args.steps):
         alternate = args.alternate and args.t2i_batch and args.vqa_batch
-        scale = args.vqa_lr_scale if alternate and step % 2 else 1.0
+        vqa_turn = bool(alternate) and step % (1 + args.vqa_per_t2i) != 0
+        scale = args.vqa_lr_scale if vqa_turn else 1.0
         for group in opt.param_groups:
             group["lr"] = scale * cosine_lr(step, args.steps, args.lr, args.warmup)
         # T2I rows of one batch have the same number of objects, so their captions (and rows) have similar lengths
@@ -370,10 +372,10 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         idx_t = bucket[torch.randint(0, len(bucket), (args.t2i_batch // procs,), generator=g)]
         idx_v = torch.randint(0, N, (args.vqa_batch // procs,), generator=g)
         zero = torch.zeros(())
-        # alternate: even steps train T2I only, odd steps VQA only: a full Adam update for each task instead of one
+        # alternate: a T2I-only step, then vqa_per_t2i VQA-only steps: a full Adam update for each task instead of one
         # update on the sum (seed 0, 3000 T2I updates: flow loss 0.39 alternating, 0.55 summed; 0.09 with no VQA)
-        do_t2i = args.t2i_batch and not (alternate and step % 2)
-        do_vqa = args.vqa_batch and not (alternate and step % 2 == 0)
+        do_t2i = args.t2i_batch and not vqa_turn
+        do_vqa = args.vqa_batch and not (alternate and not vqa_turn)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
                 if do_t2i else zero
