@@ -12,7 +12,8 @@ Held-out split of `showo2.tiny_world` (scenes with a (color, shape, position) tr
   `Showo2Pipeline.answer` (its default layout unless --layout), exact match after normalisation.
 
 The baseline is the exact pipeline at the official 50 steps and the model's guidance scale (--guidance, 1.5 for
-tiny-shapes: chosen on training-split captions, where 1.25-1.5 draw 100% right and 3 draws 95%). "flashu" is both specialists at their defaults (flashu/config.py); the only translation is the guidance
+tiny-shapes: chosen on training-split captions, where 1.25-1.5 draw 100% right and 3 draws 95%). "flashu" is both
+specialists at their defaults (flashu/config.py); the only translation is the guidance
 schedule, which the paper states for a base scale s0 = 10 ((24 calls at 0.75 s0, 11 at s0)) and which is scaled here
 to the model's s0. Calibration uses training-split scenes only: captions for generation, (image, question) pairs for
 understanding. Every variant runs the same sets with the same seeds; a single-technique variant is scored on its

@@ -99,8 +99,8 @@ class TrainArgs:
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     time_shift: float = 3.0
     ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
-    # bfloat16 autocast for the Show-o2 matmuls: off. Measured at 2000 steps, seed 0: float32 is faster on this CPU
-    # (0.25 vs 0.32 s/step) and learns much better (flow loss 0.41 vs 0.70, VQA 65% vs 62%).
+    # bfloat16 autocast for the Show-o2 matmuls: off. At 2000 steps, seed 0, float32 (with reading-order captions)
+    # against bfloat16 (with scene-order ones): 0.25 vs 0.32 s/step, flow loss 0.41 vs 0.70, VQA 65% vs 62%.
     bf16: int = 0
     log_every: int = 50
 
@@ -375,7 +375,7 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         # alternate: a T2I-only step, then vqa_per_t2i VQA-only steps: a full Adam update for each task instead of one
         # update on the sum (seed 0, 3000 T2I updates: flow loss 0.39 alternating, 0.55 summed; 0.09 with no VQA)
         do_t2i = args.t2i_batch and not vqa_turn
-        do_vqa = args.vqa_batch and not (alternate and not vqa_turn)
+        do_vqa = args.vqa_batch and (vqa_turn or not alternate)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
                 if do_t2i else zero
@@ -538,6 +538,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
+    if args.caption_order not in ("reading", "scene"):
+        parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     procs = ns.procs
     for name in ("vae_batch", "t2i_batch", "vqa_batch"):
         if getattr(args, name) % procs:

@@ -119,3 +119,10 @@ def test_default_arguments_build_the_shipped_architecture():
         assert getattr(built, field) == getattr(shipped, field), field
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
         assert built.llm[key] == shipped.llm[key] and built.siglip[key] == shipped.siglip[key], key
+
+
+def test_an_unknown_caption_order_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--caption-order", "Reading"])
+    assert exit_info.value.code == 2 and "expected 'reading' or 'scene'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
