@@ -52,7 +52,7 @@ from showo2 import tiny_world as world
 from showo2.config import FlowHeadConfig, Showo2Config
 from showo2.layouts import (VQA_ASSISTANT_TEXT, VQA_USER_TEXT, Sequences, t2i_sequences, vqa_prompt_ids,
                             vqa_sequence)
-from showo2.loading import VAE_FILE, save_showo2
+from showo2.loading import VAE_FILE, load_showo2, save_showo2
 from showo2.modeling import Showo2, additive_mask, omni_attention_mask
 from showo2.tokenizer import SpecialTokens, build_tokenizer
 from showo2.vae import VAEConfig, WanVAE
@@ -83,6 +83,8 @@ class TrainArgs:
     head_layers: int = 2
     semantic_width: int = 64  # the SigLIP-style semantic path on the latents (clip_latent_dim)
     semantic_layers: int = 2
+    rope_theta: float = 10000.0  # the LLM's RoPE base
+    kv_heads: int = 2  # the LLM's key-value heads (of 4 query heads)
     steps: int = 7500  # alternate: 3750 T2I and 3750 VQA updates
     t2i_batch: int = 16
     vqa_batch: int = 16
@@ -112,12 +114,13 @@ def vae_config(latents_mean=(0.0,) * Z_DIM, latents_std=(1.0,) * Z_DIM) -> VAECo
 
 
 def model_config(vocab_size: int, width: int = 128, layers: int = 8, ffn: int = 384, head_ffn: int = 256,
-                 head_layers: int = 2, semantic_width: int = 64, semantic_layers: int = 2) -> Showo2Config:
+                 head_layers: int = 2, semantic_width: int = 64, semantic_layers: int = 2,
+                 rope_theta: float = 10000.0, kv_heads: int = 2) -> Showo2Config:
     """The tiny-shapes Show-o2: the "tiny" preset made deeper and wider (8 LLM layers, so that layer skipping and
     pruning have room), 64x64 pixels -> 8x8x8 latent -> 4x4 = 16 image tokens (patch 2). 4 query / 2 key-value
     heads everywhere; the flow head has the LLM's width."""
     llm = dict(hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+               num_key_value_heads=kv_heads, max_position_embeddings=512, rope_theta=rope_theta, rms_norm_eps=1e-6,
                vocab_size=vocab_size, tie_word_embeddings=True, hidden_act="silu")
     # num_hidden_layers is one more than the layers used: the release drops SigLIP's last layer
     siglip = dict(hidden_size=semantic_width, intermediate_size=2 * semantic_width,
@@ -490,8 +493,14 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     tokenizer = build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers,
-                                args.semantic_width, args.semantic_layers))
+    if ns.init_from:  # go on from a checkpoint: its architecture, its weights (the size arguments do not apply)
+        model = load_showo2(ns.init_from, dtype=torch.float32).train().requires_grad_(True)
+        if model.config.llm_vocab_size != len(tokenizer):
+            raise SystemExit(f"--init-from {ns.init_from}: vocabulary {model.config.llm_vocab_size}, the world's "
+                             f"tokenizer has {len(tokenizer)}.")
+    else:
+        model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers,
+                                    args.semantic_width, args.semantic_layers, args.rope_theta, args.kv_heads))
     broadcast_weights(model, procs)
     log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
     batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3 + 1000 * rank,
@@ -511,7 +520,7 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
         torch.distributed.all_reduce(cpu)
     if rank == 0:
         meta = dict(command="python -m train.tiny_shapes " + " ".join(argv), args=dataclasses.asdict(args),
-                    processes=procs, weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
+                    init_from=ns.init_from, processes=procs, weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                     wall_time_s=round(wall, 1), cpu_time_s=round(float(cpu), 1), vae_reconstruction=vae_scores,
                     **stats)
         save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
@@ -531,6 +540,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32", action="store_true", help="store float32 weights (default bfloat16)")
     parser.add_argument("--vae-from", default=None,
                         help="skip VAE training: load these VAE weights (a Wan2.1_VAE.pth of this architecture)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this checkpoint folder's Show-o2 weights (and its VAE unless --vae-from) "
+                             "instead of fresh ones: fine-tuning and staged schedules")
     parser.add_argument("--save-every", type=int, default=0,
                         help="also write intermediate checkpoints to <out>/step-<n> every n steps (experiments)")
     for f in dataclasses.fields(TrainArgs):
@@ -540,6 +552,8 @@ def main(argv=None) -> int:
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
+    if ns.init_from and not ns.vae_from:
+        ns.vae_from = os.path.join(ns.init_from, VAE_FILE)
     procs = ns.procs
     for name in ("vae_batch", "t2i_batch", "vqa_batch"):
         if getattr(args, name) % procs:

@@ -55,6 +55,23 @@ def test_same_seed_same_weights(toy_runs):
     assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
+def test_init_from_goes_on_from_a_checkpoint(toy_runs, tmp_path):
+    # VQA-only steps from run a: the LLM moves, the flow head (not in the VQA graph) and the VAE stay as they were
+    out = str(tmp_path / "ft")
+    assert train.main(TOY + ["--out", out, "--seed", "7", "--init-from", toy_runs[0], "--t2i-batch", "0",
+                             "--width", "16"]) == 0
+    before, after = (load_file(os.path.join(f, "model.safetensors")) for f in (toy_runs[0], out))
+    assert before.keys() == after.keys()  # the checkpoint's architecture, not --width 16
+    head = [k for k in before if k.startswith("diffusion_head")]
+    assert head and all(torch.equal(before[k], after[k]) for k in head)
+    assert not torch.equal(before["showo.model.layers.0.mlp.up_proj.weight"],
+                           after["showo.model.layers.0.mlp.up_proj.weight"])
+    va, vb = (torch.load(os.path.join(f, "Wan2.1_VAE.pth"), weights_only=True) for f in (toy_runs[0], out))
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+    with open(os.path.join(out, "training.json")) as f:
+        assert json.load(f)["init_from"] == toy_runs[0]
+
+
 def test_vqa_rows_supervise_only_the_answers_and_their_end():
     tokenizer = train.build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
@@ -113,10 +130,13 @@ def test_default_arguments_build_the_shipped_architecture():
     shipped = Showo2Config.from_pretrained(world.CHECKPOINTS["tiny-shapes"])
     args = train.TrainArgs()
     built = train.model_config(len(train.build_world_tokenizer()), args.width, args.layers, args.ffn, args.head_ffn,
-                               args.head_layers, args.semantic_width, args.semantic_layers)
+                               args.head_layers, args.semantic_width, args.semantic_layers, args.rope_theta,
+                               args.kv_heads)
     for field in ("hidden_size", "clip_latent_dim", "image_latent_dim", "patch_size", "num_diffusion_layers",
                   "llm_vocab_size", "num_und_layers"):
         assert getattr(built, field) == getattr(shipped, field), field
+    for key in ("num_key_value_heads", "rope_theta"):
+        assert built.llm[key] == shipped.llm[key], key
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
         assert built.llm[key] == shipped.llm[key] and built.siglip[key] == shipped.siglip[key], key
 
