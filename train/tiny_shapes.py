@@ -21,7 +21,9 @@ Three stages, all in one process:
      next-token cross-entropy on the one-word answers (3 chat turns per row) and their closing <|im_end|> (so greedy
      decoding stops); half the rows ask for the caption instead (--caption-rows), its objects listed in reading
      order (top to bottom, left to right), so each scene has one right description;
-   all in float32 (bfloat16 autocast is slower on this CPU and learns worse; --bf16 1 turns it on).
+   all in float32 (bfloat16 autocast is slower on this CPU; --bf16 1 turns it on).
+
+--init-from DIR starts from a checkpoint's Show-o2 and VAE instead (fine-tuning, staged schedules).
 
 The checkpoint is written in the official layout (`showo2.loading.save_showo2`: config.json, llm/, siglip/,
 model.safetensors) with `Wan2.1_VAE.pth`, `vae_config.json`, the tokenizer files and `training.json` (the
@@ -101,8 +103,9 @@ class TrainArgs:
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     time_shift: float = 3.0
     ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
-    # bfloat16 autocast for the Show-o2 matmuls: off. At 2000 steps, seed 0, float32 (with reading-order captions)
-    # against bfloat16 (with scene-order ones): 0.25 vs 0.32 s/step, flow loss 0.41 vs 0.70, VQA 65% vs 62%.
+    # bfloat16 autocast for the Show-o2 matmuls: off, because float32 is faster on this CPU (0.25 vs 0.32 s/step).
+    # (It also looked better at 2000 steps, seed 0: flow loss 0.41 vs 0.70; but seeds 1 and 2 of the float32 recipe
+    # give 0.83 and 0.85, so that was seed 0's luck.)
     bf16: int = 0
     log_every: int = 50
 
