@@ -1,7 +1,7 @@
 """Train the tiny-shapes Show-o2 (the embedded default model) from scratch on the synthetic world of
 `showo2.tiny_world`, on the CPU, reproducibly from a seed.
 
-    python -m train.tiny_shapes --out showo2/checkpoints/tiny-shapes --seed 0
+    python -m train.tiny_shapes --out showo2/checkpoints/tiny-shapes --seed 1
 
 Three stages, all in one process:
 
