@@ -54,7 +54,8 @@ from showo2 import tiny_world as world
 from showo2.config import FlowHeadConfig, Showo2Config
 from showo2.layouts import (VQA_ASSISTANT_TEXT, VQA_USER_TEXT, Sequences, t2i_sequences, vqa_prompt_ids,
                             vqa_sequence)
-from showo2.loading import VAE_FILE, load_showo2, save_showo2
+from showo2.checkpoint import CheckpointError
+from showo2.loading import VAE_FILE, load_showo2, local_folder, save_showo2
 from showo2.modeling import Showo2, additive_mask, omni_attention_mask
 from showo2.tokenizer import SpecialTokens, build_tokenizer
 from showo2.vae import VAEConfig, WanVAE
@@ -500,9 +501,6 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if ns.init_from:  # go on from a checkpoint: its architecture, its weights (the size arguments do not apply)
         model = load_showo2(ns.init_from, dtype=torch.float32).train().requires_grad_(True)
-        if model.config.llm_vocab_size != len(tokenizer):
-            raise SystemExit(f"--init-from {ns.init_from}: vocabulary {model.config.llm_vocab_size}, the world's "
-                             f"tokenizer has {len(tokenizer)}.")
     else:
         model = Showo2(model_config(len(tokenizer), args.width, args.layers, args.ffn, args.head_ffn, args.head_layers,
                                     args.semantic_width, args.semantic_layers, args.rope_theta, args.kv_heads))
@@ -525,7 +523,8 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
         torch.distributed.all_reduce(cpu)
     if rank == 0:
         meta = dict(command="python -m train.tiny_shapes " + " ".join(argv), args=dataclasses.asdict(args),
-                    init_from=ns.init_from, processes=procs, weights_dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
+                    init_from=ns.init_from, processes=procs, weights_dtype=str(dtype).replace("torch.", ""),
+                    torch=torch.__version__,
                     wall_time_s=round(wall, 1), cpu_time_s=round(float(cpu), 1), vae_reconstruction=vae_scores,
                     **stats)
         save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
@@ -557,8 +556,15 @@ def main(argv=None) -> int:
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
-    if ns.init_from and not ns.vae_from:
-        ns.vae_from = os.path.join(ns.init_from, VAE_FILE)
+    if ns.init_from:  # checked before any data is rendered or process started
+        try:
+            vocab = Showo2Config.from_pretrained(local_folder(ns.init_from)).llm_vocab_size
+        except (CheckpointError, ValueError) as e:
+            parser.error(f"--init-from: {e}")
+        world_vocab = len(build_world_tokenizer())
+        if vocab != world_vocab:
+            parser.error(f"--init-from {ns.init_from}: vocabulary {vocab}, the world's tokenizer has {world_vocab}.")
+        ns.vae_from = ns.vae_from or os.path.join(ns.init_from, VAE_FILE)
     procs = ns.procs
     for name in ("vae_batch", "t2i_batch", "vqa_batch"):
         if getattr(args, name) % procs:

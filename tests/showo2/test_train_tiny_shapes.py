@@ -72,6 +72,13 @@ def test_init_from_goes_on_from_a_checkpoint(toy_runs, tmp_path):
         assert json.load(f)["init_from"] == toy_runs[0]
 
 
+def test_init_from_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_vqa_rows_supervise_only_the_answers_and_their_end():
     tokenizer = train.build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
