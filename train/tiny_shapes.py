@@ -63,6 +63,9 @@ from showo2.vqa import prompt_embeddings
 
 Z_DIM = 8
 CAPTION_QUESTION = "describe the image."
+# Question kinds answered by finding an object by its colour and/or shape (not by a named position): the ones the
+# model learns slowest (README "What limits VQA").
+CONTENT_KINDS = ("color_of", "where", "exists", "count_shape")
 
 
 @dataclasses.dataclass
@@ -96,6 +99,9 @@ class TrainArgs:
     vqa_turns: int = 3  # questions per VQA row (the first in the pipeline's layout, then chat turns)
     caption_rows: float = 0.5  # fraction of VQA rows that ask for the caption instead
     caption_order: str = "reading"  # caption answers list the objects in "reading" order or as the "scene" has them
+    # > 0: each question turn is drawn with this probability from the kinds that find an object by what it is
+    # (CONTENT_KINDS) instead of uniformly from the scene's questions (0: uniform, the shipped recipe)
+    content_questions: float = 0.0
     lr: float = 4e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -257,9 +263,9 @@ class Batcher:
     """Builds the T2I and VQA training rows from scenes, tokenising each distinct string once."""
 
     def __init__(self, tokenizer, tokens: SpecialTokens, scenes, num_image_slots: int, seed: int,
-                 caption_order: str = "scene"):
+                 caption_order: str = "scene", content_questions: float = 0.0):
         self.tokenizer, self.tokens, self.scenes, self.S = tokenizer, tokens, scenes, num_image_slots
-        self.caption_order = caption_order
+        self.caption_order, self.content_questions = caption_order, content_questions
         self.rng = random.Random(seed)
         self.cache: dict[str, list[int]] = {}
         self.qa = [world.questions(s) for s in scenes]  # the "no" question is re-drawn per use below
@@ -290,6 +296,19 @@ class Batcher:
             objects = sorted(objects, key=lambda o: world.POSITIONS[o.position][::-1])
         return world.caption(objects)
 
+    def pick_questions(self, qa: list[tuple[str, str]], turns: int) -> list[int]:
+        """Indices of `turns` distinct questions of qa: uniformly, or each from CONTENT_KINDS with probability
+        content_questions (while the scene has such questions left)."""
+        if not self.content_questions:
+            return self.rng.sample(range(len(qa)), min(turns, len(qa)))
+        content = [k for k, (q, _) in enumerate(qa) if world.question_kind(q) in CONTENT_KINDS]
+        other = [k for k in range(len(qa)) if k not in content]
+        picks = []
+        for _ in range(min(turns, len(qa))):
+            pool = content if (self.rng.random() < self.content_questions and content) or not other else other
+            picks.append(pool.pop(self.rng.randrange(len(pool))))
+        return picks
+
     def vqa(self, index: list[int], turns: int = 1, caption_rows: float = 0.0) -> tuple[Sequences, torch.Tensor]:
         """Rows [prompt | answer | eos] (+ turns - 1 further chat turns [user q eos assistant | answer | eos]),
         right-padded, and labels (B, L): -100 except on answer and closing eos tokens.
@@ -301,7 +320,7 @@ class Batcher:
         rows, labels, seqs = [], [], []
         for i in index:
             qa = self.qa[i]
-            picks = self.rng.sample(range(len(qa)), min(turns, len(qa)))
+            picks = self.pick_questions(qa, turns)
             if self.rng.random() < caption_rows:
                 qa, picks = [(CAPTION_QUESTION, self.caption_answer(i))], [0]
             layout = self.rng.choice(("demo", "training"))
@@ -507,7 +526,7 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     broadcast_weights(model, procs)
     log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
     batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3 + 1000 * rank,
-                      args.caption_order)
+                      args.caption_order, args.content_questions)
     dtype = torch.float32 if ns.fp32 else torch.bfloat16
 
     def intermediate(step: int, weights: Showo2) -> None:

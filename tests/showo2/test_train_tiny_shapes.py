@@ -153,3 +153,24 @@ def test_an_unknown_caption_order_is_refused(tmp_path, capsys):
         train.main(TOY + ["--out", str(tmp_path / "x"), "--caption-order", "Reading"])
     assert exit_info.value.code == 2 and "expected 'reading' or 'scene'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_content_questions_draw_the_turns_from_the_content_kinds():
+    tokenizer = train.build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    scenes = world.sample_scenes("train", 40, seed=2)
+
+    def kinds(content_questions):
+        batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0,
+                                content_questions=content_questions)
+        drawn = []
+        for qa in batcher.qa:
+            picks = batcher.pick_questions(qa, 3)
+            assert len(set(picks)) == len(picks) == min(3, len(qa))  # distinct questions of this scene
+            drawn += [world.question_kind(qa[k][0]) for k in picks]
+        return drawn
+
+    uniform, focused = kinds(0.0), kinds(1.0)
+    # every scene has at least 3 content questions (its "no" question, and per object "where"/"is there")
+    assert all(k in train.CONTENT_KINDS for k in focused)
+    assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
