@@ -114,6 +114,12 @@ class TrainArgs:
     # 0.8 and no caption rows learns the content questions, 0.35 does not: README "What limits VQA")
     vqa_lr_scale: float = 0.25
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
+    # Focus phase: for the first focus_steps steps the VQA rows are questions only (no caption rows), each drawn from
+    # CONTENT_KINDS with probability focus_content_questions, at VQA lr x focus_vqa_lr_scale. That is what teaches
+    # finding an object by colour or shape; the settings above, which draw better, take over after it.
+    focus_steps: int = 0
+    focus_vqa_lr_scale: float = 0.5
+    focus_content_questions: float = 0.8
     time_shift: float = 3.0
     ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
     # bfloat16 autocast for the Show-o2 matmuls: off, because float32 is faster on this CPU (0.25 vs 0.32 s/step).
@@ -267,9 +273,9 @@ class Batcher:
     """Builds the T2I and VQA training rows from scenes, tokenising each distinct string once."""
 
     def __init__(self, tokenizer, tokens: SpecialTokens, scenes, num_image_slots: int, seed: int,
-                 caption_order: str = "scene", content_questions: float = 0.0):
+                 caption_order: str = "scene"):
         self.tokenizer, self.tokens, self.scenes, self.S = tokenizer, tokens, scenes, num_image_slots
-        self.caption_order, self.content_questions = caption_order, content_questions
+        self.caption_order = caption_order
         self.rng = random.Random(seed)
         self.cache: dict[str, list[int]] = {}
         self.qa = [world.questions(s) for s in scenes]  # the "no" question is re-drawn per use below
@@ -300,20 +306,21 @@ class Batcher:
             objects = sorted(objects, key=lambda o: world.POSITIONS[o.position][::-1])
         return world.caption(objects)
 
-    def pick_questions(self, qa: list[tuple[str, str]], turns: int) -> list[int]:
+    def pick_questions(self, qa: list[tuple[str, str]], turns: int, content_questions: float = 0.0) -> list[int]:
         """Indices of `turns` distinct questions of qa: uniformly, or each from CONTENT_KINDS with probability
         content_questions (while the scene has such questions left)."""
-        if not self.content_questions:
+        if not content_questions:
             return self.rng.sample(range(len(qa)), min(turns, len(qa)))
         content = [k for k, (q, _) in enumerate(qa) if world.question_kind(q) in CONTENT_KINDS]
         other = [k for k in range(len(qa)) if k not in content]
         picks = []
         for _ in range(min(turns, len(qa))):
-            pool = content if (self.rng.random() < self.content_questions and content) or not other else other
+            pool = content if (self.rng.random() < content_questions and content) or not other else other
             picks.append(pool.pop(self.rng.randrange(len(pool))))
         return picks
 
-    def vqa(self, index: list[int], turns: int = 1, caption_rows: float = 0.0) -> tuple[Sequences, torch.Tensor]:
+    def vqa(self, index: list[int], turns: int = 1, caption_rows: float = 0.0,
+            content_questions: float = 0.0) -> tuple[Sequences, torch.Tensor]:
         """Rows [prompt | answer | eos] (+ turns - 1 further chat turns [user q eos assistant | answer | eos]),
         right-padded, and labels (B, L): -100 except on answer and closing eos tokens.
 
@@ -324,7 +331,7 @@ class Batcher:
         rows, labels, seqs = [], [], []
         for i in index:
             qa = self.qa[i]
-            picks = self.pick_questions(qa, turns)
+            picks = self.pick_questions(qa, turns, content_questions)
             if self.rng.random() < caption_rows:
                 qa, picks = [(CAPTION_QUESTION, self.caption_answer(i))], [0]
             layout = self.rng.choice(("demo", "training"))
@@ -396,7 +403,12 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
     for step in range(args.steps):
         alternate = args.alternate and args.t2i_batch and args.vqa_batch
         vqa_turn = bool(alternate) and step % (1 + args.vqa_per_t2i) != 0
-        scale = args.vqa_lr_scale if vqa_turn else 1.0
+        focus = step < args.focus_steps
+        if step == args.focus_steps and step:
+            log(f"showo2 step {step:5d}  focus phase over")
+        scale = (args.focus_vqa_lr_scale if focus else args.vqa_lr_scale) if vqa_turn else 1.0
+        caption_rows = 0.0 if focus else args.caption_rows
+        content_questions = args.focus_content_questions if focus else args.content_questions
         for group in opt.param_groups:
             group["lr"] = scale * cosine_lr(step, args.steps, args.lr, args.warmup)
         # T2I rows of one batch have the same number of objects, so their captions (and rows) have similar lengths
@@ -411,8 +423,8 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
                 if do_t2i else zero
-            ce = vqa_loss(model, *batcher.vqa(idx_v.tolist(), args.vqa_turns, args.caption_rows), latents[idx_v]) \
-                if do_vqa else zero
+            ce = vqa_loss(model, *batcher.vqa(idx_v.tolist(), args.vqa_turns, caption_rows, content_questions),
+                          latents[idx_v]) if do_vqa else zero
         loss = fm + args.vqa_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -530,7 +542,7 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     broadcast_weights(model, procs)
     log(f"Show-o2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
     batcher = Batcher(tokenizer, tokens, scenes, model.config.num_image_slots, args.seed + 3 + 1000 * rank,
-                      args.caption_order, args.content_questions)
+                      args.caption_order)
     dtype = torch.float32 if ns.fp32 else torch.bfloat16
 
     def intermediate(step: int, weights: Showo2) -> None:

@@ -161,11 +161,10 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     scenes = world.sample_scenes("train", 40, seed=2)
 
     def kinds(content_questions):
-        batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0,
-                                content_questions=content_questions)
+        batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0)
         drawn = []
         for qa in batcher.qa:
-            picks = batcher.pick_questions(qa, 3)
+            picks = batcher.pick_questions(qa, 3, content_questions)
             assert len(set(picks)) == len(picks) == min(3, len(qa))  # distinct questions of this scene
             drawn += [world.question_kind(qa[k][0]) for k in picks]
         return drawn
@@ -174,3 +173,32 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     # every scene has at least 3 content questions (its "no" question, and per object "where"/"is there")
     assert all(k in train.CONTENT_KINDS for k in focused)
     assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
+
+
+def test_the_focus_phase_asks_content_questions_then_hands_over_to_the_recipe():
+    tokenizer = train.build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    scenes = world.sample_scenes("train", 12, seed=3)
+    calls = []
+
+    class Recording(train.Batcher):
+        def vqa(self, index, turns=1, caption_rows=0.0, content_questions=0.0):
+            calls.append((caption_rows, content_questions))
+            return super().vqa(index, turns, caption_rows, content_questions)
+
+    args = train.TrainArgs(steps=8, warmup=1, t2i_batch=2, vqa_batch=2, lr=1e-3, ema=0, log_every=1,
+                           focus_steps=4, focus_vqa_lr_scale=0.5, focus_content_questions=0.9,
+                           vqa_lr_scale=0.25, caption_rows=0.5, content_questions=0.0)
+    torch.manual_seed(0)
+    model = train.Showo2(train.model_config(len(tokenizer), 32, 2, 64, 32, 1, 16, 1))
+    latents = torch.randn(len(scenes), train.Z_DIM, 8, 8)  # 64x64 images, VAE stride 8
+    lines = []
+    batcher = Recording(tokenizer, tokens, scenes, model.config.num_image_slots, seed=0)
+    train.train_showo2(model, batcher, latents, args, lines.append)
+    # T2I and VQA in turn: the VQA steps are 1, 3 (focus) and 5, 7 (the recipe)
+    assert calls == [(0.0, 0.9), (0.0, 0.9), (0.5, 0.0), (0.5, 0.0)]
+    lrs = {int(line.split()[2]): float(line.split("lr ")[1].split()[0]) for line in lines if " lr " in line}
+    for step in (1, 3, 5, 7):
+        scale = 0.5 if step < 4 else 0.25
+        assert lrs[step] == pytest.approx(scale * train.cosine_lr(step, 8, 1e-3, 1), rel=1e-2)
+    assert any("focus phase over" in line for line in lines)
