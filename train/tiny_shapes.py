@@ -114,12 +114,17 @@ class TrainArgs:
     # 0.8 and no caption rows learns the content questions, 0.35 does not: README "What limits VQA")
     vqa_lr_scale: float = 0.25
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
-    # Focus phase: for the first focus_steps steps the VQA rows are questions only (no caption rows), each drawn from
-    # CONTENT_KINDS with probability focus_content_questions, at VQA lr x focus_vqa_lr_scale. That is what teaches
-    # finding an object by colour or shape; the settings above, which draw better, take over after it.
+    # Two stages after this joint one (0 steps: skipped; each a fresh AdamW and cosine schedule from the last
+    # stage's shipped weights). Joint training leaves the questions that find an object by colour or shape near
+    # guessing (README "What limits VQA"). focus: VQA-only steps on questions (no caption rows), each drawn from
+    # CONTENT_KINDS with probability focus_content_questions; they teach that and unlearn drawing. recover: T2I and
+    # VQA in turn again, as in the joint stage but with the focus stage's question mix; drawing comes back.
     focus_steps: int = 0
-    focus_vqa_lr_scale: float = 0.5
-    focus_content_questions: float = 0.8
+    focus_lr: float = 2e-3
+    focus_content_questions: float = 0.9
+    recover_steps: int = 0
+    recover_lr: float = 1e-3
+    stage_warmup: int = 50
     time_shift: float = 3.0
     ema: float = 0.999  # exponential moving average of the weights that are shipped (0: ship the last weights)
     # bfloat16 autocast for the Show-o2 matmuls: off, because float32 is faster on this CPU (0.25 vs 0.32 s/step).
@@ -166,6 +171,21 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
 def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
+    """The training stages in order, each with the arguments it runs with: joint, then focus and recover where
+    they have steps."""
+    plan = [("joint", args)]
+    if args.focus_steps:
+        plan.append(("focus", dataclasses.replace(args, steps=args.focus_steps, lr=args.focus_lr,
+                                                  warmup=args.stage_warmup, t2i_batch=0, caption_rows=0.0,
+                                                  content_questions=args.focus_content_questions)))
+    if args.recover_steps:
+        plan.append(("recover", dataclasses.replace(args, steps=args.recover_steps, lr=args.recover_lr,
+                                                    warmup=args.stage_warmup,
+                                                    content_questions=args.focus_content_questions)))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,9 +403,10 @@ def vqa_loss(model: Showo2, seqs: Sequences, labels: torch.Tensor, latents: torc
 
 
 def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: TrainArgs, log, on_checkpoint=None,
-                 checkpoint_every: int = 0, rank: int = 0, procs: int = 1):
-    """Joint training; returns the training statistics and the model to ship: the exponential moving average of
-    the weights (decay args.ema, warmed up) when args.ema > 0, else the trained model itself."""
+                 checkpoint_every: int = 0, rank: int = 0, procs: int = 1, stage: str = "joint", first_step: int = 0):
+    """One training stage of args.steps steps (numbered from first_step in logs, history and checkpoints); returns
+    the training statistics and the model to ship: the exponential moving average of the weights (decay args.ema,
+    warmed up) when args.ema > 0, else the trained model itself."""
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     params = [p for p in model.parameters()]
@@ -395,7 +416,7 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
     # One AdamW state for both tasks (one state per task: T2I a little better, VQA worse, in one 2000-step run)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(args.seed + 2 + 1000 * rank)
+    g = torch.Generator().manual_seed(args.seed + 2 + 1000 * rank + 100_000 * first_step)  # a stream per stage
     N = len(latents)
     start = time.perf_counter()
     history = []
@@ -403,12 +424,7 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
     for step in range(args.steps):
         alternate = args.alternate and args.t2i_batch and args.vqa_batch
         vqa_turn = bool(alternate) and step % (1 + args.vqa_per_t2i) != 0
-        focus = step < args.focus_steps
-        if step == args.focus_steps and step:
-            log(f"showo2 step {step:5d}  focus phase over")
-        scale = (args.focus_vqa_lr_scale if focus else args.vqa_lr_scale) if vqa_turn else 1.0
-        caption_rows = 0.0 if focus else args.caption_rows
-        content_questions = args.focus_content_questions if focus else args.content_questions
+        scale = args.vqa_lr_scale if vqa_turn else 1.0
         for group in opt.param_groups:
             group["lr"] = scale * cosine_lr(step, args.steps, args.lr, args.warmup)
         # T2I rows of one batch have the same number of objects, so their captions (and rows) have similar lengths
@@ -423,8 +439,8 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             fm = t2i_loss(model, batcher.t2i(idx_t.tolist(), args.cfg_drop), latents[idx_t], g, args.time_shift) \
                 if do_t2i else zero
-            ce = vqa_loss(model, *batcher.vqa(idx_v.tolist(), args.vqa_turns, caption_rows, content_questions),
-                          latents[idx_v]) if do_vqa else zero
+            ce = vqa_loss(model, *batcher.vqa(idx_v.tolist(), args.vqa_turns, args.caption_rows,
+                                              args.content_questions), latents[idx_v]) if do_vqa else zero
         loss = fm + args.vqa_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,13 +455,13 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
         if do_vqa or ce_avg is None:
             ce_avg = ce.item() if ce_avg is None else 0.95 * ce_avg + 0.05 * ce.item()
         if step % args.log_every == 0 or step == args.steps - 1:
-            log(f"showo2 step {step:5d}  fm {fm_avg:.4f}  ce {ce_avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                f"{time.perf_counter() - start:.0f}s")
-            history.append(dict(step=step, fm=round(fm_avg, 5), ce=round(ce_avg, 5)))
-        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+            log(f"{stage} step {first_step + step:5d}  fm {fm_avg:.4f}  ce {ce_avg:.4f}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - start:.0f}s")
+            history.append(dict(stage=stage, step=first_step + step, fm=round(fm_avg, 5), ce=round(ce_avg, 5)))
+        if on_checkpoint is not None and checkpoint_every and (first_step + step + 1) % checkpoint_every == 0 \
                 and step + 1 < args.steps:
             model.eval()
-            on_checkpoint(step + 1, ema if ema is not None else model)
+            on_checkpoint(first_step + step + 1, ema if ema is not None else model)
             model.train()
     model.eval().requires_grad_(False)
     return dict(final_fm=fm_avg, final_ce=ce_avg, history=history), (ema if ema is not None else model)
@@ -550,7 +566,18 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
             save_checkpoint(os.path.join(ns.out, f"step-{step}"), weights, vae, tokenizer, dtype, dict(step=step))
             log(f"wrote {ns.out}/step-{step}")
 
-    stats, model = train_showo2(model, batcher, latents, args, log, intermediate, ns.save_every, rank, procs)
+    history, finals, first_step = [], {}, 0
+    for stage, stage_args in stages(args):
+        stats, model = train_showo2(model, batcher, latents, stage_args, log, intermediate, ns.save_every, rank,
+                                    procs, stage, first_step)
+        model.train().requires_grad_(True)  # the next stage goes on from the weights this one ships
+        history += stats["history"]
+        if stage_args.t2i_batch:
+            finals["final_fm"] = stats["final_fm"]
+        if stage_args.vqa_batch:
+            finals["final_ce"] = stats["final_ce"]
+        first_step += stage_args.steps
+    model.eval().requires_grad_(False)
 
     wall = time.perf_counter() - t_start
     cpu = torch.tensor([time.process_time() - c_start], dtype=torch.float64)
@@ -561,7 +588,7 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
                     init_from=ns.init_from, processes=procs, weights_dtype=str(dtype).replace("torch.", ""),
                     torch=torch.__version__,
                     wall_time_s=round(wall, 1), cpu_time_s=round(float(cpu), 1), vae_reconstruction=vae_scores,
-                    **stats)
+                    history=history, **finals)
         save_checkpoint(ns.out, model, vae, tokenizer, dtype, meta)
         log(f"wrote {ns.out} (wall time {wall / 60:.1f} min, CPU time {float(cpu) / 60:.1f} min in {procs} "
             f"processes)")

@@ -3,6 +3,7 @@ its pieces (the VQA rows, the VAE latent normalisation) are what the pipeline re
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -175,30 +176,35 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
 
 
-def test_the_focus_phase_asks_content_questions_then_hands_over_to_the_recipe():
-    tokenizer = train.build_world_tokenizer()
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
-    scenes = world.sample_scenes("train", 12, seed=3)
+
+def test_the_focus_and_recover_stages_follow_the_joint_one(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Recording(train.Batcher):
+        def t2i(self, index, cfg_drop):
+            calls.append("t2i")
+            return super().t2i(index, cfg_drop)
+
         def vqa(self, index, turns=1, caption_rows=0.0, content_questions=0.0):
             calls.append((caption_rows, content_questions))
             return super().vqa(index, turns, caption_rows, content_questions)
 
-    args = train.TrainArgs(steps=8, warmup=1, t2i_batch=2, vqa_batch=2, lr=1e-3, ema=0, log_every=1,
-                           focus_steps=4, focus_vqa_lr_scale=0.5, focus_content_questions=0.9,
-                           vqa_lr_scale=0.25, caption_rows=0.5, content_questions=0.0)
-    torch.manual_seed(0)
-    model = train.Showo2(train.model_config(len(tokenizer), 32, 2, 64, 32, 1, 16, 1))
-    latents = torch.randn(len(scenes), train.Z_DIM, 8, 8)  # 64x64 images, VAE stride 8
-    lines = []
-    batcher = Recording(tokenizer, tokens, scenes, model.config.num_image_slots, seed=0)
-    train.train_showo2(model, batcher, latents, args, lines.append)
-    # T2I and VQA in turn: the VQA steps are 1, 3 (focus) and 5, 7 (the recipe)
-    assert calls == [(0.0, 0.9), (0.0, 0.9), (0.5, 0.0), (0.5, 0.0)]
-    lrs = {int(line.split()[2]): float(line.split("lr ")[1].split()[0]) for line in lines if " lr " in line}
-    for step in (1, 3, 5, 7):
-        scale = 0.5 if step < 4 else 0.25
-        assert lrs[step] == pytest.approx(scale * train.cosine_lr(step, 8, 1e-3, 1), rel=1e-2)
-    assert any("focus phase over" in line for line in lines)
+    monkeypatch.setattr(train, "Batcher", Recording)
+    out = str(tmp_path / "staged")
+    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--focus-steps", "2", "--focus-lr", "2e-3",
+                             "--focus-content-questions", "0.9", "--recover-steps", "2", "--recover-lr", "1e-3",
+                             "--stage-warmup", "1"]) == 0
+    joint, focus, recover = calls[:3], calls[3:5], calls[5:]
+    assert joint == ["t2i", (0.5, 0.0), "t2i"]  # T2I and VQA in turn, the recipe's question mix
+    assert focus == [(0.0, 0.9), (0.0, 0.9)]  # VQA only, questions only, mostly content kinds
+    assert recover == ["t2i", (0.5, 0.9)]  # in turn again, caption rows back, the focus question mix kept
+    with open(os.path.join(out, "training.json")) as f:
+        meta = json.load(f)
+    assert [(h["stage"], h["step"]) for h in meta["history"]] == \
+        [("joint", 0), ("joint", 1), ("joint", 2), ("focus", 3), ("focus", 4), ("recover", 5), ("recover", 6)]
+    logged = {int(m[1]): float(m[2]) for m in re.finditer(r" step +(\d+) .* lr (\S+)", capsys.readouterr().out)}
+    # each stage its own cosine schedule from its own peak learning rate (the VQA steps at x vqa_lr_scale)
+    assert logged[3] == pytest.approx(train.cosine_lr(0, 2, 2e-3, 1), rel=1e-2)
+    assert logged[5] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
+    assert logged[6] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
+    assert Showo2Pipeline.from_pretrained(out).model.config.hidden_size == 32
