@@ -114,11 +114,13 @@ class TrainArgs:
     # 0.8 and no caption rows learns the content questions, 0.35 does not: README "What limits VQA")
     vqa_lr_scale: float = 0.25
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
-    # Two stages after this joint one (0 steps: skipped; each a fresh AdamW and cosine schedule from the last
-    # stage's shipped weights). Joint training leaves the questions that find an object by colour or shape near
-    # guessing (README "What limits VQA"). focus: VQA-only steps on questions (no caption rows), each drawn from
-    # CONTENT_KINDS with probability focus_content_questions; they teach that and unlearn drawing. recover: T2I and
-    # VQA in turn again, as in the joint stage but with the focus stage's question mix; drawing comes back.
+    # Stages, in order (0 steps: skipped; each a fresh AdamW and cosine schedule from the last stage's shipped
+    # weights, warmup stage_warmup after the first): draw: T2I only; joint (`steps`, the settings above): T2I and
+    # VQA in turn; focus: VQA only, on questions only (no caption rows), each drawn from CONTENT_KINDS with
+    # probability focus_content_questions: it teaches finding an object by colour or shape, which joint training
+    # leaves near guessing (README "What limits VQA"), and unlearns drawing; recover: T2I and VQA in turn as in the
+    # joint stage, with the focus stage's question mix: drawing comes back.
+    draw_steps: int = 0
     focus_steps: int = 0
     focus_lr: float = 2e-3
     focus_content_questions: float = 0.9
@@ -174,9 +176,13 @@ def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
-    """The training stages in order, each with the arguments it runs with: joint, then focus and recover where
-    they have steps."""
-    plan = [("joint", args)]
+    """The training stages that have steps, in order, each with the arguments it runs with: draw, joint, focus,
+    recover."""
+    plan = []
+    if args.draw_steps:
+        plan.append(("draw", dataclasses.replace(args, steps=args.draw_steps, vqa_batch=0)))
+    if args.steps:
+        plan.append(("joint", dataclasses.replace(args, warmup=args.stage_warmup) if plan else args))
     if args.focus_steps:
         plan.append(("focus", dataclasses.replace(args, steps=args.focus_steps, lr=args.focus_lr,
                                                   warmup=args.stage_warmup, t2i_batch=0, caption_rows=0.0,

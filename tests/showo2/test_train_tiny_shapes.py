@@ -177,7 +177,7 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
 
 
 
-def test_the_focus_and_recover_stages_follow_the_joint_one(tmp_path, monkeypatch, capsys):
+def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Recording(train.Batcher):
@@ -191,20 +191,24 @@ def test_the_focus_and_recover_stages_follow_the_joint_one(tmp_path, monkeypatch
 
     monkeypatch.setattr(train, "Batcher", Recording)
     out = str(tmp_path / "staged")
-    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--focus-steps", "2", "--focus-lr", "2e-3",
+    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--draw-steps", "2", "--focus-steps", "2", "--focus-lr", "2e-3",
                              "--focus-content-questions", "0.9", "--recover-steps", "2", "--recover-lr", "1e-3",
                              "--stage-warmup", "1"]) == 0
-    joint, focus, recover = calls[:3], calls[3:5], calls[5:]
+    draw, joint, focus, recover = calls[:2], calls[2:5], calls[5:7], calls[7:]
+    assert draw == ["t2i", "t2i"]  # T2I only
     assert joint == ["t2i", (0.5, 0.0), "t2i"]  # T2I and VQA in turn, the recipe's question mix
     assert focus == [(0.0, 0.9), (0.0, 0.9)]  # VQA only, questions only, mostly content kinds
     assert recover == ["t2i", (0.5, 0.9)]  # in turn again, caption rows back, the focus question mix kept
     with open(os.path.join(out, "training.json")) as f:
         meta = json.load(f)
     assert [(h["stage"], h["step"]) for h in meta["history"]] == \
-        [("joint", 0), ("joint", 1), ("joint", 2), ("focus", 3), ("focus", 4), ("recover", 5), ("recover", 6)]
+        [("draw", 0), ("draw", 1), ("joint", 2), ("joint", 3), ("joint", 4), ("focus", 5), ("focus", 6),
+         ("recover", 7), ("recover", 8)]
     logged = {int(m[1]): float(m[2]) for m in re.finditer(r" step +(\d+) .* lr (\S+)", capsys.readouterr().out)}
     # each stage its own cosine schedule from its own peak learning rate (the VQA steps at x vqa_lr_scale)
-    assert logged[3] == pytest.approx(train.cosine_lr(0, 2, 2e-3, 1), rel=1e-2)
-    assert logged[5] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
-    assert logged[6] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
+    assert logged[1] == pytest.approx(train.cosine_lr(1, 2, 4e-3, 1), rel=1e-2)
+    assert logged[2] == pytest.approx(train.cosine_lr(0, 3, 4e-3, 1), rel=1e-2)
+    assert logged[5] == pytest.approx(train.cosine_lr(0, 2, 2e-3, 1), rel=1e-2)
+    assert logged[7] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
+    assert logged[8] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
     assert Showo2Pipeline.from_pretrained(out).model.config.hidden_size == 32
