@@ -3,7 +3,7 @@
 
     python -m train.tiny_shapes --out showo2/checkpoints/tiny-shapes --seed 1
 
-Three stages, all in one process:
+Three parts, all in one run:
 
 1. Data: N_SCENES training-split scenes (never a held-out (color, shape, position) triple), rendered at 64x64.
 2. VAE: the Wan2.1 VAE architecture (`showo2.vae.WanVAE`) at width 8 with one residual block per stage and 8
@@ -23,7 +23,9 @@ Three stages, all in one process:
      order (top to bottom, left to right), so each scene has one right description; --content-questions focuses
      the question turns on the kinds that find an object by its colour or shape (see README: with a VQA learning
      rate of 0.5x and no caption rows this gets held-out VQA past 90%, at a cost in drawing);
-   all in float32 (bfloat16 autocast is slower on this CPU; --bf16 1 turns it on).
+   all in float32 (bfloat16 autocast is slower on this CPU; --bf16 1 turns it on). Optional stages around this
+   joint one (`stages`): --draw-steps of T2I only before it, --focus-steps of VQA only on questions and
+   --recover-steps of both in turn after it (README "What limits VQA": what each did).
 
 --init-from DIR starts from a checkpoint's Show-o2 and VAE instead (fine-tuning, staged schedules).
 
