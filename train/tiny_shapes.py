@@ -624,6 +624,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
+    if not stages(args):
+        parser.error("no training steps: --draw-steps, --steps, --focus-steps and --recover-steps are all 0.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     if ns.init_from:  # checked before any data is rendered or process started

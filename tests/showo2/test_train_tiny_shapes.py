@@ -156,6 +156,14 @@ def test_an_unknown_caption_order_is_refused(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_run_with_no_training_steps_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--steps", "0"])
+    assert exit_info.value.code == 2 and "no training steps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert [name for name, _ in train.stages(train.TrainArgs(steps=0, recover_steps=5))] == ["recover"]
+
+
 def test_content_questions_draw_the_turns_from_the_content_kinds():
     tokenizer = train.build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
