@@ -466,8 +466,7 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
             log(f"{stage} step {first_step + step:5d}  fm {fm_avg:.4f}  ce {ce_avg:.4f}  "
                 f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - start:.0f}s")
             history.append(dict(stage=stage, step=first_step + step, fm=round(fm_avg, 5), ce=round(ce_avg, 5)))
-        if on_checkpoint is not None and checkpoint_every and (first_step + step + 1) % checkpoint_every == 0 \
-                and step + 1 < args.steps:
+        if on_checkpoint is not None and checkpoint_every and (first_step + step + 1) % checkpoint_every == 0:
             model.eval()
             on_checkpoint(first_step + step + 1, ema if ema is not None else model)
             model.train()
@@ -569,13 +568,16 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
                       args.caption_order)
     dtype = torch.float32 if ns.fp32 else torch.bfloat16
 
+    plan = stages(args)
+    total_steps = sum(stage_args.steps for _, stage_args in plan)
+
     def intermediate(step: int, weights: Showo2) -> None:
-        if rank == 0:
+        if rank == 0 and step < total_steps:  # the last step's weights are the checkpoint itself
             save_checkpoint(os.path.join(ns.out, f"step-{step}"), weights, vae, tokenizer, dtype, dict(step=step))
             log(f"wrote {ns.out}/step-{step}")
 
     history, finals, first_step = [], {}, 0
-    for stage, stage_args in stages(args):
+    for stage, stage_args in plan:
         stats, model = train_showo2(model, batcher, latents, stage_args, log, intermediate, ns.save_every, rank,
                                     procs, stage, first_step)
         model.train().requires_grad_(True)  # the next stage goes on from the weights this one ships

@@ -184,7 +184,6 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
 
 
-
 def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch, capsys):
     calls = []
 
@@ -199,9 +198,9 @@ def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch,
 
     monkeypatch.setattr(train, "Batcher", Recording)
     out = str(tmp_path / "staged")
-    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--draw-steps", "2", "--focus-steps", "2", "--focus-lr", "2e-3",
-                             "--focus-content-questions", "0.9", "--recover-steps", "2", "--recover-lr", "1e-3",
-                             "--stage-warmup", "1"]) == 0
+    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--draw-steps", "2", "--focus-steps", "2",
+                             "--focus-lr", "2e-3", "--focus-content-questions", "0.9", "--recover-steps", "2",
+                             "--recover-lr", "1e-3", "--stage-warmup", "1", "--save-every", "5"]) == 0
     draw, joint, focus, recover = calls[:2], calls[2:5], calls[5:7], calls[7:]
     assert draw == ["t2i", "t2i"]  # T2I only
     assert joint == ["t2i", (0.5, 0.0), "t2i"]  # T2I and VQA in turn, the recipe's question mix
@@ -220,3 +219,5 @@ def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch,
     assert logged[7] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
     assert logged[8] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
     assert Showo2Pipeline.from_pretrained(out).model.config.hidden_size == 32
+    # --save-every counts steps across stages: step 5 is the joint stage's last; the run's last (9) is `out` itself
+    assert sorted(n for n in os.listdir(out) if n.startswith("step-")) == ["step-5"]
