@@ -626,6 +626,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
+    for name in ("draw_steps", "steps", "focus_steps", "recover_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: a number of steps, 0 or more.")
     if not stages(args):
         parser.error("no training steps: --draw-steps, --steps, --focus-steps and --recover-steps are all 0.")
     if args.caption_order not in ("reading", "scene"):

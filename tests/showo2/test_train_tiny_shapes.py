@@ -162,6 +162,9 @@ def test_a_run_with_no_training_steps_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "no training steps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert [name for name, _ in train.stages(train.TrainArgs(steps=0, recover_steps=5))] == ["recover"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--draw-steps", "-5"])
+    assert exit_info.value.code == 2 and "--draw-steps -5: a number of steps" in capsys.readouterr().err
 
 
 def test_content_questions_draw_the_turns_from_the_content_kinds():
