@@ -19,13 +19,17 @@ Three parts, all in one run:
      `Showo2.velocity` and x1 - x0;
    - VQA: rows from `showo2.layouts.vqa_sequence` in both layouts (the pipeline's default "demo" and "training"),
      next-token cross-entropy on the one-word answers (3 chat turns per row) and their closing <|im_end|> (so greedy
-     decoding stops); half the rows ask for the caption instead (--caption-rows), its objects listed in reading
-     order (top to bottom, left to right), so each scene has one right description; --content-questions focuses
-     the question turns on the kinds that find an object by its colour or shape (see README: with a VQA learning
-     rate of 0.5x and no caption rows this gets held-out VQA past 90%, at a cost in drawing);
-   all in float32 (bfloat16 autocast is slower on this CPU; --bf16 1 turns it on). Optional stages around this
-   joint one (`stages`): --draw-steps of T2I only before it, --focus-steps of VQA only on questions and
-   --recover-steps of both in turn after it (README "What limits VQA": what each did).
+     decoding stops); 80% of the question turns are drawn from the kinds that find an object by its colour or
+     shape (--content-questions), and VQA steps run at half the learning rate (--vqa-lr-scale): together they
+     get past the VQA plateau of plain joint training, at a cost in drawing (README "What limits VQA");
+     --caption-rows makes a fraction of the rows ask for the caption instead, its objects listed in reading order
+     (top to bottom, left to right), so each scene has one right description (off by default: it held the
+     plateau);
+   all in float32 (bfloat16 autocast is slower on this CPU; --bf16 1 turns it on). Then two short stages
+   (`stages`): --redraw-steps of T2I only, which teach the drawing back fast and cost answers, and
+   --recover-steps of both in turn, which bring the answers back and keep the drawing. Optional stages:
+   --draw-steps of T2I only before the joint one, --focus-steps of VQA only on questions after it (README "What
+   limits VQA": what each did).
 
 --init-from DIR starts from a checkpoint's Show-o2 and VAE instead (fine-tuning, staged schedules).
 
@@ -101,11 +105,11 @@ class TrainArgs:
     t2i_batch: int = 16
     vqa_batch: int = 16
     vqa_turns: int = 3  # questions per VQA row (the first in the pipeline's layout, then chat turns)
-    caption_rows: float = 0.5  # fraction of VQA rows that ask for the caption instead
+    caption_rows: float = 0.0  # fraction of VQA rows that ask for the caption instead
     caption_order: str = "reading"  # caption answers list the objects in "reading" order or as the "scene" has them
     # > 0: each question turn is drawn with this probability from the kinds that find an object by what it is
-    # (CONTENT_KINDS) instead of uniformly from the scene's questions (0: uniform, the shipped recipe)
-    content_questions: float = 0.0
+    # (CONTENT_KINDS) instead of uniformly from the scene's questions (0: uniform)
+    content_questions: float = 0.8
     lr: float = 4e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -114,19 +118,23 @@ class TrainArgs:
     alternate: int = 1  # 1: one task per step, T2I and VQA in turn; 0: both losses summed in every step
     # alternate: VQA steps use lr x this (at 4e-3 the answer loss stalls at the priors; 0.5 with content_questions
     # 0.8 and no caption rows learns the content questions, 0.35 does not: README "What limits VQA")
-    vqa_lr_scale: float = 0.25
+    vqa_lr_scale: float = 0.5
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     # Stages, in order (0 steps: skipped; each a fresh AdamW and cosine schedule from the last stage's shipped
     # weights, warmup stage_warmup after the first): draw: T2I only; joint (`steps`, the settings above): T2I and
     # VQA in turn; focus: VQA only, on questions only (no caption rows), each drawn from CONTENT_KINDS with
     # probability focus_content_questions: it teaches finding an object by colour or shape, which joint training
-    # leaves near guessing (README "What limits VQA"), and unlearns drawing; recover: T2I and VQA in turn as in the
-    # joint stage, with the focus stage's question mix: drawing comes back.
+    # leaves near guessing (README "What limits VQA"), and unlearns drawing; redraw: T2I only: drawing, which the
+    # joint stage's VQA-heavy settings leave weak, is learned fast, at a cost in answering; recover: T2I and VQA in
+    # turn as in the joint stage, with the question mix of the VQA stage before it: what the stages before it
+    # unlearned comes back, and what they learned stays.
     draw_steps: int = 0
     focus_steps: int = 0
     focus_lr: float = 2e-3
     focus_content_questions: float = 0.9
-    recover_steps: int = 0
+    redraw_steps: int = 1000
+    redraw_lr: float = 2e-3
+    recover_steps: int = 600
     recover_lr: float = 1e-3
     stage_warmup: int = 50
     time_shift: float = 3.0
@@ -179,7 +187,7 @@ def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
 
 def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
     """The training stages that have steps, in order, each with the arguments it runs with: draw, joint, focus,
-    recover."""
+    redraw, recover."""
     plan = []
     if args.draw_steps:
         plan.append(("draw", dataclasses.replace(args, steps=args.draw_steps, vqa_batch=0)))
@@ -189,10 +197,13 @@ def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
         plan.append(("focus", dataclasses.replace(args, steps=args.focus_steps, lr=args.focus_lr,
                                                   warmup=args.stage_warmup, t2i_batch=0, caption_rows=0.0,
                                                   content_questions=args.focus_content_questions)))
+    if args.redraw_steps:
+        plan.append(("redraw", dataclasses.replace(args, steps=args.redraw_steps, lr=args.redraw_lr,
+                                                   warmup=args.stage_warmup, vqa_batch=0)))
     if args.recover_steps:
+        mix = args.focus_content_questions if args.focus_steps else args.content_questions
         plan.append(("recover", dataclasses.replace(args, steps=args.recover_steps, lr=args.recover_lr,
-                                                    warmup=args.stage_warmup,
-                                                    content_questions=args.focus_content_questions)))
+                                                    warmup=args.stage_warmup, content_questions=mix)))
     return plan
 
 
@@ -626,11 +637,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    for name in ("draw_steps", "steps", "focus_steps", "recover_steps"):
+    for name in ("draw_steps", "steps", "focus_steps", "redraw_steps", "recover_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: a number of steps, 0 or more.")
     if not stages(args):
-        parser.error("no training steps: --draw-steps, --steps, --focus-steps and --recover-steps are all 0.")
+        parser.error("no training steps: --draw-steps, --steps, --focus-steps, --redraw-steps and --recover-steps "
+                     "are all 0.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     if ns.init_from:  # checked before any data is rendered or process started

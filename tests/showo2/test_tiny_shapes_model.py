@@ -2,6 +2,7 @@
 small held-out sample (a quality floor: a regression in the model, sampler, VQA loop or FlashU code shows up here as
 a failing test). The full-size scores are `python -m bench.quality --model tiny-shapes` (README)."""
 
+import dataclasses
 import json
 import os
 
@@ -12,6 +13,7 @@ from showo2 import tiny_world as world
 from showo2.checkpoint import CheckpointError
 from showo2.loading import load_showo2
 from showo2.pipeline import Showo2Pipeline
+from train.tiny_shapes import TrainArgs
 
 FOLDER = world.CHECKPOINTS["tiny-shapes"]
 # Floors well under the shipped model's scores on these small samples (README: the full-size table, T2I overall 95%,
@@ -32,8 +34,10 @@ def test_the_checkpoint_is_small_and_in_the_official_layout():
     assert sum(os.path.getsize(os.path.join(FOLDER, f)) for f in files) < 8 * 2**20
     with open(os.path.join(FOLDER, "training.json")) as f:
         meta = json.load(f)
-    # the README's command (seed 1)
+    # the README's command (seed 1) with the script's defaults, so retraining with it reproduces this recipe
     assert meta["command"].startswith("python -m train.tiny_shapes") and meta["args"]["seed"] == 1
+    defaults = {k: v for k, v in dataclasses.asdict(TrainArgs()).items() if k != "seed"}
+    assert {k: meta["args"][k] for k in defaults} == defaults
     assert meta["args"]["layers"] >= 8  # deep enough for layer skipping and pruning to mean something
 
 

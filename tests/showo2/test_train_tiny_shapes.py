@@ -17,7 +17,8 @@ from train import tiny_shapes as train
 
 TOY = ["--n-scenes", "24", "--vae-steps", "3", "--vae-batch", "4", "--steps", "3", "--t2i-batch", "4",
        "--vqa-batch", "4", "--width", "32", "--layers", "2", "--ffn", "64", "--head-ffn", "32", "--head-layers", "1",
-       "--warmup", "1", "--log-every", "1", "--procs", "1", "--vae-check", "0"]
+       "--warmup", "1", "--log-every", "1", "--procs", "1", "--vae-check", "0", "--redraw-steps", "0",
+       "--recover-steps", "0"]  # the joint stage only, unless a test adds stages
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_a_run_with_no_training_steps_is_refused(tmp_path, capsys):
         train.main(TOY + ["--out", str(tmp_path / "x"), "--steps", "0"])
     assert exit_info.value.code == 2 and "no training steps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert [name for name, _ in train.stages(train.TrainArgs(steps=0, recover_steps=5))] == ["recover"]
+    assert [name for name, _ in train.stages(train.TrainArgs(steps=0, redraw_steps=0, recover_steps=5))] == ["recover"]
     with pytest.raises(SystemExit) as exit_info:
         train.main(TOY + ["--out", str(tmp_path / "x"), "--draw-steps", "-5"])
     assert exit_info.value.code == 2 and "--draw-steps -5: a number of steps" in capsys.readouterr().err
@@ -187,7 +188,7 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
 
 
-def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch, capsys):
+def test_the_stages_draw_joint_focus_redraw_recover_run_in_order(tmp_path, monkeypatch, capsys):
     calls = []
 
     class Recording(train.Batcher):
@@ -201,26 +202,40 @@ def test_the_stages_draw_joint_focus_recover_run_in_order(tmp_path, monkeypatch,
 
     monkeypatch.setattr(train, "Batcher", Recording)
     out = str(tmp_path / "staged")
-    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--draw-steps", "2", "--focus-steps", "2",
-                             "--focus-lr", "2e-3", "--focus-content-questions", "0.9", "--recover-steps", "2",
-                             "--recover-lr", "1e-3", "--stage-warmup", "1", "--save-every", "5"]) == 0
-    draw, joint, focus, recover = calls[:2], calls[2:5], calls[5:7], calls[7:]
-    assert draw == ["t2i", "t2i"]  # T2I only
-    assert joint == ["t2i", (0.5, 0.0), "t2i"]  # T2I and VQA in turn, the recipe's question mix
+    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--content-questions", "0.2",
+                             "--vqa-lr-scale", "0.25", "--draw-steps", "2", "--focus-steps", "2", "--focus-lr", "2e-3",
+                             "--focus-content-questions", "0.9", "--redraw-steps", "2", "--redraw-lr", "3e-3",
+                             "--recover-steps", "2", "--recover-lr", "1e-3", "--stage-warmup", "1",
+                             "--save-every", "5"]) == 0
+    draw, joint, focus, redraw, recover = calls[:2], calls[2:5], calls[5:7], calls[7:9], calls[9:]
+    assert draw == redraw == ["t2i", "t2i"]  # T2I only
+    assert joint == ["t2i", (0.5, 0.2), "t2i"]  # T2I and VQA in turn, the recipe's question mix
     assert focus == [(0.0, 0.9), (0.0, 0.9)]  # VQA only, questions only, mostly content kinds
     assert recover == ["t2i", (0.5, 0.9)]  # in turn again, caption rows back, the focus question mix kept
     with open(os.path.join(out, "training.json")) as f:
         meta = json.load(f)
     assert [(h["stage"], h["step"]) for h in meta["history"]] == \
         [("draw", 0), ("draw", 1), ("joint", 2), ("joint", 3), ("joint", 4), ("focus", 5), ("focus", 6),
-         ("recover", 7), ("recover", 8)]
+         ("redraw", 7), ("redraw", 8), ("recover", 9), ("recover", 10)]
     logged = {int(m[1]): float(m[2]) for m in re.finditer(r" step +(\d+) .* lr (\S+)", capsys.readouterr().out)}
     # each stage its own cosine schedule from its own peak learning rate (the VQA steps at x vqa_lr_scale)
     assert logged[1] == pytest.approx(train.cosine_lr(1, 2, 4e-3, 1), rel=1e-2)
     assert logged[2] == pytest.approx(train.cosine_lr(0, 3, 4e-3, 1), rel=1e-2)
     assert logged[5] == pytest.approx(train.cosine_lr(0, 2, 2e-3, 1), rel=1e-2)
-    assert logged[7] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
-    assert logged[8] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
+    assert logged[7] == pytest.approx(train.cosine_lr(0, 2, 3e-3, 1), rel=1e-2)
+    assert logged[9] == pytest.approx(train.cosine_lr(0, 2, 1e-3, 1), rel=1e-2)
+    assert logged[10] == pytest.approx(0.25 * train.cosine_lr(1, 2, 1e-3, 1), rel=1e-2)
     assert Showo2Pipeline.from_pretrained(out).model.config.hidden_size == 32
-    # --save-every counts steps across stages: step 5 is the joint stage's last; the run's last (9) is `out` itself
-    assert sorted(n for n in os.listdir(out) if n.startswith("step-")) == ["step-5"]
+    # --save-every counts steps across stages: step 5 is the joint stage's last, step 10 is within the recover
+    # stage; the run's last (11) is `out` itself
+    assert sorted(n for n in os.listdir(out) if n.startswith("step-")) == ["step-10", "step-5"]
+
+
+def test_the_default_recipe_is_joint_then_redraw_then_recover():
+    args = train.TrainArgs()
+    plan = dict(train.stages(args))
+    assert list(plan) == ["joint", "redraw", "recover"]
+    assert plan["redraw"].vqa_batch == 0 and plan["redraw"].lr == args.redraw_lr
+    # no focus stage: the recover stage keeps the joint stage's question mix and VQA learning rate
+    assert plan["recover"].content_questions == args.content_questions
+    assert plan["recover"].vqa_lr_scale == args.vqa_lr_scale and plan["recover"].caption_rows == args.caption_rows
