@@ -637,12 +637,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
     args = TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
-    for name in ("draw_steps", "steps", "focus_steps", "redraw_steps", "recover_steps"):
+    step_flags = {name: "--" + name.replace("_", "-")
+                  for name in ("draw_steps", "steps", "focus_steps", "redraw_steps", "recover_steps")}
+    for name, flag in step_flags.items():
         if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: a number of steps, 0 or more.")
+            parser.error(f"{flag} {getattr(args, name)}: a number of steps, 0 or more.")
     if not stages(args):
-        parser.error("no training steps: --draw-steps, --steps, --focus-steps, --redraw-steps and --recover-steps "
-                     "are all 0.")
+        parser.error(f"no training steps: {', '.join(step_flags.values())} are all 0.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     if ns.init_from:  # checked before any data is rendered or process started
