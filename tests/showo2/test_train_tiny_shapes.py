@@ -168,6 +168,13 @@ def test_a_run_with_no_training_steps_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--draw-steps -5: a number of steps" in capsys.readouterr().err
 
 
+def test_a_gpu_run_in_several_processes_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--device", "cuda", "--procs", "2"])
+    assert exit_info.value.code == 2 and "--device cuda trains in one process" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_content_questions_draw_the_turns_from_the_content_kinds():
     tokenizer = train.build_world_tokenizer()
     tokens = SpecialTokens.from_tokenizer(tokenizer)
