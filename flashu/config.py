@@ -133,7 +133,7 @@ class FlashUUnderstandingConfig:
     token_prune_ratio: float = 0.75
     token_prune_layer: int = 2
     # ...but never below this many image tokens: a small grid has no redundant tokens to spare (the 16-token
-    # tiny-shapes model answers 95% -> 34% at 0.75, the objects themselves are dropped) and its prompt is mostly
+    # tiny-shapes model answers 94% -> 38% at 0.75, the objects themselves are dropped) and its prompt is mostly
     # text, so pruning it saves little. 729-token images (0.75 keeps 183) are unaffected.
     token_prune_min_kept: int = 64
     # Decode-time layer skipping: bypass this fraction of LLM layers for new tokens, re-measured (last token's

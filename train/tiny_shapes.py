@@ -135,9 +135,9 @@ class TrainArgs:
     focus_steps: int = 0
     focus_lr: float = 2e-3
     focus_content_questions: float = 0.9
-    redraw_steps: int = 1000
+    redraw_steps: int = 600
     redraw_lr: float = 2e-3
-    recover_steps: int = 600
+    recover_steps: int = 500
     recover_lr: float = 1e-3
     stage_warmup: int = 50
     time_shift: float = 3.0
