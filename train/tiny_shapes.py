@@ -33,8 +33,9 @@ Three parts, all in one run:
 
 --init-from DIR starts from a checkpoint's Show-o2 and VAE instead (fine-tuning, staged schedules). --device cuda
 trains on a GPU in one process, for sweeps of recipes and seeds: the same random draws (all made on the CPU), other
-rounding, so its runs are other samples of the recipe, not the CPU run. A model this small is launch-bound there: a
-step takes about 66 ms on an H200 alone (150 ms with 14 runs sharing it), against 180 ms on 2 CPU cores.
+rounding, so its runs are other samples of the recipe, not the CPU run. A model this small is bound by kernel
+launches there: a step takes about 66 ms on an H200, alone or with 14 runs sharing it under MPS, against 160-180 ms
+on 2 CPU cores.
 
 The checkpoint is written in the official layout (`showo2.loading.save_showo2`: config.json, llm/, siglip/,
 model.safetensors) with `Wan2.1_VAE.pth`, `vae_config.json`, the tokenizer files and `training.json` (the
