@@ -12,16 +12,18 @@ Three parts, all in one run:
    set to the per-channel statistics of the training latents (posterior means), so normalised latents are ~N(0, 1).
 3. Show-o2: the same modules as the release at small width/depth (`model_config`: 8 LLM layers of width 128, 2
    semantic layers, 2 flow-head layers; 4x4 = 16 image tokens of an 8x8x8 latent, patch 2), a byte-level tokenizer
-   holding the world's words (`showo2.tokenizer.build_tokenizer`, Show-o2 special-token layout), trained on both
-   tasks, one task per step in turn (--alternate 1; 0 sums both losses in every step):
+   holding the world's words (`showo2.tokenizer.build_tokenizer`, Show-o2 special-token layout; --glue-spaces 1
+   also holds each with the leading space, as Qwen's tokenizer does: rows a fifth to a third shorter, steps 18%
+   faster), trained on both tasks, one task per step in turn (--alternate 1; 0 sums both losses in every step):
    - T2I: rows from `showo2.layouts.t2i_sequences` (caption dropped to empty with p = 0.1 for classifier-free
      guidance), x_t = t x1 + (1 - t) x0 with t drawn on the sampler's shifted grid distribution, MSE between
      `Showo2.velocity` and x1 - x0;
    - VQA: rows from `showo2.layouts.vqa_sequence` in both layouts (the pipeline's default "demo" and "training"),
      next-token cross-entropy on the one-word answers (3 chat turns per row) and their closing <|im_end|> (so greedy
      decoding stops); 80% of the question turns are drawn from the kinds that find an object by its colour or
-     shape (--content-questions), and VQA steps run at half the learning rate (--vqa-lr-scale): together they
-     get past the VQA plateau of plain joint training, at a cost in drawing (README "What limits VQA");
+     shape (--content-questions; --question-mix kinds draws each turn's kind by KIND_WEIGHTS instead), and VQA
+     steps run at half the learning rate (--vqa-lr-scale): together they get past the VQA plateau of plain
+     joint training, at a cost in drawing (README "What limits VQA");
      --caption-rows makes a fraction of the rows ask for the caption instead, its objects listed in reading order
      (top to bottom, left to right), so each scene has one right description (off by default: it held the
      plateau);
@@ -78,6 +80,13 @@ CAPTION_QUESTION = "describe the image."
 # Question kinds answered by finding an object by its colour and/or shape (not by a named position): the ones the
 # model learns slowest (README "What limits VQA").
 CONTENT_KINDS = ("color_of", "where", "exists", "count_shape")
+# --question-mix kinds: each question turn draws its kind with these weights (among the kinds the scene has questions
+# of left), then one of the scene's questions of that kind. Finding an object by what it is and reading the object
+# at a named position are learned slowest (each of the five is a circuit of its own that forms late, and a kind
+# drawn too rarely is the one left near guessing: 51% colour at a position when it was 8% of the turns); counting is
+# learned fast (100% at 4% / 27% of the turns).
+KIND_WEIGHTS = {"color_at": 1.0, "shape_at": 1.0, "color_of": 1.0, "where": 1.0, "exists": 1.0, "count": 0.25,
+                "count_shape": 0.5}
 
 
 @dataclasses.dataclass
@@ -96,6 +105,10 @@ class TrainArgs:
     vae_shift: int = 24  # translation augmentation range in pixels
     vae_check: int = 200  # held-out images whose VAE reconstructions the T2I checker scores (0: no check)
     # Show-o2
+    # 1: the tokenizer also holds each world word with a leading space, as Qwen's does (" red"), so rows are shorter
+    # (VQA 104 -> 84 tokens, T2I 57 -> 38) and steps 18% faster, but neither of its two runs broke (README "What
+    # limits VQA"); 0: every space is a token of its own, as in the shipped checkpoint
+    glue_spaces: int = 0
     width: int = 128
     layers: int = 8
     ffn: int = 384
@@ -111,8 +124,10 @@ class TrainArgs:
     vqa_turns: int = 3  # questions per VQA row (the first in the pipeline's layout, then chat turns)
     caption_rows: float = 0.0  # fraction of VQA rows that ask for the caption instead
     caption_order: str = "reading"  # caption answers list the objects in "reading" order or as the "scene" has them
-    # > 0: each question turn is drawn with this probability from the kinds that find an object by what it is
-    # (CONTENT_KINDS) instead of uniformly from the scene's questions (0: uniform)
+    # "kinds": each question turn's kind drawn by KIND_WEIGHTS; "content": each turn drawn with probability
+    # content_questions from the kinds that find an object by what it is (CONTENT_KINDS), else uniformly from the
+    # scene's other questions (content_questions 0: uniformly from all), the recipe before
+    question_mix: str = "content"
     content_questions: float = 0.8
     lr: float = 4e-3
     warmup: int = 100
@@ -200,14 +215,15 @@ def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
     if args.focus_steps:
         plan.append(("focus", dataclasses.replace(args, steps=args.focus_steps, lr=args.focus_lr,
                                                   warmup=args.stage_warmup, t2i_batch=0, caption_rows=0.0,
+                                                  question_mix="content",
                                                   content_questions=args.focus_content_questions)))
     if args.redraw_steps:
         plan.append(("redraw", dataclasses.replace(args, steps=args.redraw_steps, lr=args.redraw_lr,
                                                    warmup=args.stage_warmup, vqa_batch=0)))
     if args.recover_steps:
-        mix = args.focus_content_questions if args.focus_steps else args.content_questions
+        mix = dict(question_mix="content", content_questions=args.focus_content_questions) if args.focus_steps else {}
         plan.append(("recover", dataclasses.replace(args, steps=args.recover_steps, lr=args.recover_lr,
-                                                    warmup=args.stage_warmup, content_questions=mix)))
+                                                    warmup=args.stage_warmup, **mix)))
     return plan
 
 
@@ -353,9 +369,23 @@ class Batcher:
             objects = sorted(objects, key=lambda o: world.POSITIONS[o.position][::-1])
         return world.caption(objects)
 
-    def pick_questions(self, qa: list[tuple[str, str]], turns: int, content_questions: float = 0.0) -> list[int]:
-        """Indices of `turns` distinct questions of qa: uniformly, or each from CONTENT_KINDS with probability
-        content_questions (while the scene has such questions left)."""
+    def pick_questions(self, qa: list[tuple[str, str]], turns: int, content_questions: float = 0.0,
+                       kind_weights: dict[str, float] | None = None) -> list[int]:
+        """Indices of `turns` distinct questions of qa: each of a kind drawn by kind_weights (then uniformly within
+        the kind) if given; else uniformly, or each from CONTENT_KINDS with probability content_questions (while
+        the scene has such questions left)."""
+        if kind_weights:
+            by_kind: dict[str, list[int]] = {}
+            for k, (q, _) in enumerate(qa):
+                by_kind.setdefault(world.question_kind(q), []).append(k)
+            picks = []
+            for _ in range(min(turns, len(qa))):
+                kinds = [kind for kind, left in by_kind.items() if left and kind_weights.get(kind, 0) > 0]
+                if not kinds:
+                    break
+                kind = self.rng.choices(kinds, weights=[kind_weights[kind] for kind in kinds])[0]
+                picks.append(by_kind[kind].pop(self.rng.randrange(len(by_kind[kind]))))
+            return picks
         if not content_questions:
             return self.rng.sample(range(len(qa)), min(turns, len(qa)))
         content = [k for k, (q, _) in enumerate(qa) if world.question_kind(q) in CONTENT_KINDS]
@@ -366,8 +396,8 @@ class Batcher:
             picks.append(pool.pop(self.rng.randrange(len(pool))))
         return picks
 
-    def vqa(self, index: list[int], turns: int = 1, caption_rows: float = 0.0,
-            content_questions: float = 0.0) -> tuple[Sequences, torch.Tensor]:
+    def vqa(self, index: list[int], turns: int = 1, caption_rows: float = 0.0, content_questions: float = 0.0,
+            kind_weights: dict[str, float] | None = None) -> tuple[Sequences, torch.Tensor]:
         """Rows [prompt | answer | eos] (+ turns - 1 further chat turns [user q eos assistant | answer | eos]),
         right-padded, and labels (B, L): -100 except on answer and closing eos tokens.
 
@@ -378,7 +408,7 @@ class Batcher:
         rows, labels, seqs = [], [], []
         for i in index:
             qa = self.qa[i]
-            picks = self.pick_questions(qa, turns, content_questions)
+            picks = self.pick_questions(qa, turns, content_questions, kind_weights)
             if self.rng.random() < caption_rows:
                 qa, picks = [(CAPTION_QUESTION, self.caption_answer(i))], [0]
             layout = self.rng.choice(("demo", "training"))
@@ -470,7 +500,9 @@ def train_showo2(model: Showo2, batcher: Batcher, latents: torch.Tensor, args: T
             else:
                 fm = zero
             if do_vqa:
-                seqs, labels = batcher.vqa(idx_v.tolist(), args.vqa_turns, args.caption_rows, args.content_questions)
+                weights = KIND_WEIGHTS if args.question_mix == "kinds" else None
+                seqs, labels = batcher.vqa(idx_v.tolist(), args.vqa_turns, args.caption_rows, args.content_questions,
+                                           weights)
                 ce = vqa_loss(model, seqs.to(latents.device), labels.to(latents.device), latents[idx_v])
             else:
                 ce = zero
@@ -513,8 +545,8 @@ def save_checkpoint(folder: str, model: Showo2, vae: WanVAE, tokenizer, dtype: t
         json.dump(meta, f, indent=2)
 
 
-def build_world_tokenizer():
-    return build_tokenizer(list(world.WORDS))
+def build_world_tokenizer(glue_spaces: int = TrainArgs.glue_spaces):
+    return build_tokenizer(list(world.WORDS), glue_spaces=bool(glue_spaces))
 
 
 def sync_gradients(params: list, procs: int) -> None:
@@ -581,7 +613,7 @@ def run(rank: int, procs: int, port: int, ns: argparse.Namespace, args: TrainArg
     vae_scores = vae_reconstruction_scores(vae, args.vae_check) if rank == 0 and args.vae_check else {}
     log(f"vae reconstructions of {args.vae_check} held-out images, checker scores: {vae_scores}")
 
-    tokenizer = build_world_tokenizer()
+    tokenizer = build_world_tokenizer(args.glue_spaces)
     tokens = SpecialTokens.from_tokenizer(tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if ns.init_from:  # go on from a checkpoint: its architecture, its weights (the size arguments do not apply)
@@ -665,6 +697,8 @@ def main(argv=None) -> int:
             parser.error(f"{flag} {getattr(args, name)}: a number of steps, 0 or more.")
     if not stages(args):
         parser.error(f"no training steps: {', '.join(step_flags.values())} are all 0.")
+    if args.question_mix not in ("kinds", "content"):
+        parser.error(f"--question-mix {args.question_mix!r}: expected 'kinds' or 'content'.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     if ns.init_from:  # checked before any data is rendered or process started
@@ -672,7 +706,7 @@ def main(argv=None) -> int:
             vocab = Showo2Config.from_pretrained(local_folder(ns.init_from)).llm_vocab_size
         except (CheckpointError, ValueError) as e:
             parser.error(f"--init-from: {e}")
-        world_vocab = len(build_world_tokenizer())
+        world_vocab = len(build_world_tokenizer(args.glue_spaces))
         if vocab != world_vocab:
             parser.error(f"--init-from {ns.init_from}: vocabulary {vocab}, the world's tokenizer has {world_vocab}.")
         ns.vae_from = ns.vae_from or os.path.join(ns.init_from, VAE_FILE)

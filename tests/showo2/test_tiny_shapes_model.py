@@ -13,7 +13,8 @@ from showo2 import tiny_world as world
 from showo2.checkpoint import CheckpointError
 from showo2.loading import load_showo2
 from showo2.pipeline import Showo2Pipeline
-from train.tiny_shapes import TrainArgs
+from showo2.tokenizer import load_tokenizer
+from train.tiny_shapes import TrainArgs, build_world_tokenizer
 
 FOLDER = world.CHECKPOINTS["tiny-shapes"]
 # Floors well under the shipped model's scores on these small samples (README: the full-size table, T2I overall 85%,
@@ -39,6 +40,8 @@ def test_the_checkpoint_is_small_and_in_the_official_layout():
     defaults = {k: v for k, v in dataclasses.asdict(TrainArgs()).items() if k != "seed"}
     assert {k: meta["args"][k] for k in defaults} == defaults
     assert meta["args"]["layers"] >= 8  # deep enough for layer skipping and pruning to mean something
+    # its tokenizer is the one the script builds with those settings
+    assert load_tokenizer(FOLDER).get_vocab() == build_world_tokenizer(meta["args"]["glue_spaces"]).get_vocab()
 
 
 def test_loader_is_strict_about_the_shipped_weights(tmp_path):

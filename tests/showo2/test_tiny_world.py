@@ -86,9 +86,12 @@ def test_questions_have_one_word_answers_and_cover_every_kind(scenes):
 def test_world_words_are_single_tokens():
     from train.tiny_shapes import build_world_tokenizer
 
-    tok = build_world_tokenizer()
-    for word in w.WORDS:
-        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    plain, glued = build_world_tokenizer(glue_spaces=0), build_world_tokenizer(glue_spaces=1)
+    for word in w.WORDS:  # glued: also with the leading space Qwen's tokenizer glues to a word
+        assert len(plain(word, add_special_tokens=False)["input_ids"]) == 1, word
+        assert len(plain(" " + word, add_special_tokens=False)["input_ids"]) == 2, word
+        assert len(glued(word, add_special_tokens=False)["input_ids"]) == 1, word
+        assert len(glued(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
 
 
 # ------------------------------------------------------------------------------------------------- checkers

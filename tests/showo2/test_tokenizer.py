@@ -161,3 +161,23 @@ def test_build_rejects_words_that_cannot_be_one_token():
 
 def test_role_tokens_cover_every_field():
     assert list(ROLE_TOKENS) == list(QWEN2_5.as_dict())
+
+
+def test_glue_spaces_gives_words_their_leading_space_as_qwen_does(tmp_path):
+    glued = build_tokenizer(WORDS, path=str(tmp_path), glue_spaces=True)
+    plain = build_tokenizer(WORDS)
+    # Every word is also one token with a leading space; the plain words keep their ids; the layout holds.
+    n_regular = len(glued) - 26
+    assert SpecialTokens.from_tokenizer(glued) == SpecialTokens.from_layout(n_regular)
+    assert {w: glued.convert_tokens_to_ids(w) for w in WORDS} == {w: plain.convert_tokens_to_ids(w) for w in WORDS}
+    ids = glued.encode("Describe this red fox", add_special_tokens=False)
+    assert [glued.decode([i]) for i in ids] == ["Describe", " this", " red", " fox"]
+    assert len(plain.encode("Describe this red fox", add_special_tokens=False)) == 7
+    # Runs that are not words still fall back to bytes (the space stays its own byte), and text round-trips.
+    text = "<|im_start|>user\nDescribe  this zebra, héllo.<|im_end|>\n red"
+    for tok in (glued, load_tokenizer(str(tmp_path))):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert [tok.decode([i]) for i in ids][4:8] == [" ", " this", " ", "z"]
+    with pytest.raises(ValueError, match="not a single run"):
+        build_tokenizer(["cat", " dog"], glue_spaces=True)

@@ -1,6 +1,7 @@
 """train/tiny_shapes.py at toy size: it writes a checkpoint the normal loader takes, reproducibly from its seed, and
 its pieces (the VQA rows, the VAE latent normalisation) are what the pipeline reads at inference."""
 
+import collections
 import json
 import os
 import re
@@ -72,6 +73,19 @@ def test_init_from_goes_on_from_a_checkpoint(toy_runs, tmp_path):
     assert all(torch.equal(va[k], vb[k]) for k in va)
     with open(os.path.join(out, "training.json")) as f:
         assert json.load(f)["init_from"] == toy_runs[0]
+
+
+def test_glue_spaces_trains_with_the_shorter_rows_and_init_from_must_agree(toy_runs, tmp_path, capsys):
+    out = str(tmp_path / "glued")
+    assert train.main(TOY + ["--out", out, "--glue-spaces", "1"]) == 0
+    tokenizer = Showo2Pipeline.from_pretrained(out).tokenizer
+    assert tokenizer.tokenize("a red circle") == ["a", "Ġred", "Ġcircle"]  # byte-level: "Ġ" is the space
+    assert len(tokenizer) > len(train.build_world_tokenizer(glue_spaces=0))
+    # going on from a checkpoint with the other tokenizer is refused before any work: its vocabulary differs
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--init-from", toy_runs[0], "--glue-spaces", "1"])
+    assert exit_info.value.code == 2 and "vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_init_from_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
@@ -195,6 +209,24 @@ def test_content_questions_draw_the_turns_from_the_content_kinds():
     assert 0.3 < sum(k in train.CONTENT_KINDS for k in uniform) / len(uniform) < 0.8
 
 
+def test_the_kind_mix_draws_each_turn_by_its_kind_weight():
+    tokenizer = train.build_world_tokenizer()
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    scenes = world.sample_scenes("train", 600, seed=2)
+    batcher = train.Batcher(tokenizer, tokens, scenes, num_image_slots=17, seed=0)
+    drawn = collections.Counter()
+    for qa in batcher.qa:
+        picks = batcher.pick_questions(qa, 3, 0.8, train.KIND_WEIGHTS)  # content_questions does not apply
+        assert len(set(picks)) == len(picks) == min(3, len(qa))  # distinct questions of this scene
+        drawn.update(world.question_kind(qa[k][0]) for k in picks)
+    share = {kind: n / sum(drawn.values()) for kind, n in drawn.items()}
+    # uniformly over the scene's questions, colour / shape at a position are 14% each and counting by shape 22%
+    assert share["color_at"] > 0.16 and share["shape_at"] > 0.16 and share["count_shape"] < 0.13
+    assert share["count"] < share["count_shape"] < share["where"]
+    only = batcher.pick_questions(batcher.qa[0], 3, kind_weights={"count": 1.0})  # one count question per scene
+    assert [world.question_kind(batcher.qa[0][k][0]) for k in only] == ["count"]
+
+
 def test_the_stages_draw_joint_focus_redraw_recover_run_in_order(tmp_path, monkeypatch, capsys):
     calls = []
 
@@ -203,13 +235,14 @@ def test_the_stages_draw_joint_focus_redraw_recover_run_in_order(tmp_path, monke
             calls.append("t2i")
             return super().t2i(index, cfg_drop)
 
-        def vqa(self, index, turns=1, caption_rows=0.0, content_questions=0.0):
-            calls.append((caption_rows, content_questions))
-            return super().vqa(index, turns, caption_rows, content_questions)
+        def vqa(self, index, turns=1, caption_rows=0.0, content_questions=0.0, kind_weights=None):
+            calls.append((caption_rows, content_questions if kind_weights is None else kind_weights))
+            return super().vqa(index, turns, caption_rows, content_questions, kind_weights)
 
     monkeypatch.setattr(train, "Batcher", Recording)
     out = str(tmp_path / "staged")
-    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--content-questions", "0.2",
+    assert train.main(TOY + ["--out", out, "--caption-rows", "0.5", "--question-mix", "content",
+                             "--content-questions", "0.2",
                              "--vqa-lr-scale", "0.25", "--draw-steps", "2", "--focus-steps", "2", "--focus-lr", "2e-3",
                              "--focus-content-questions", "0.9", "--redraw-steps", "2", "--redraw-lr", "3e-3",
                              "--recover-steps", "2", "--recover-lr", "1e-3", "--stage-warmup", "1",
@@ -244,5 +277,5 @@ def test_the_default_recipe_is_joint_then_redraw_then_recover():
     assert list(plan) == ["joint", "redraw", "recover"]
     assert plan["redraw"].vqa_batch == 0 and plan["redraw"].lr == args.redraw_lr
     # no focus stage: the recover stage keeps the joint stage's question mix and VQA learning rate
-    assert plan["recover"].content_questions == args.content_questions
+    assert (plan["recover"].question_mix, plan["recover"].content_questions) == ("content", args.content_questions)
     assert plan["recover"].vqa_lr_scale == args.vqa_lr_scale and plan["recover"].caption_rows == args.caption_rows
