@@ -244,7 +244,10 @@ def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ra
     during = [t for t in batches_done_after(outage["down"]) if t < outage["up"] - 1.0]
     print(f"S3 server down for {outage['up'] - outage['down']:.1f}s after {outage['at_rows']} committed rows, "
           f"{len(during)} batches done meanwhile: the job {outcome}")
-    assert outage["at_rows"] < N and during  # mid-job, and batches were ready to write while the server was down
+    # Mid-job, and writes met the dead server: batches were ready to write while it was down, or (on a loaded
+    # machine, where the next batch can come after the retries of the one in flight are spent) the run failed on
+    # a storage error, asserted above.
+    assert outage["at_rows"] < N and (during or outcome == "finished on a re-run")
     root = results["t2i"]["output"]
     assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
     rows = check_every_id_once(storage, root)  # read back from the restarted server: nothing lost on its disk
