@@ -81,10 +81,9 @@ CAPTION_QUESTION = "describe the image."
 # model learns slowest (README "What limits VQA").
 CONTENT_KINDS = ("color_of", "where", "exists", "count_shape")
 # --question-mix kinds: each question turn draws its kind with these weights (among the kinds the scene has questions
-# of left), then one of the scene's questions of that kind. Finding an object by what it is and reading the object
-# at a named position are learned slowest (each of the five is a circuit of its own that forms late, and a kind
-# drawn too rarely is the one left near guessing: 51% colour at a position when it was 8% of the turns); counting is
-# learned fast (100% at 4% / 27% of the turns).
+# of left), then one of the scene's questions of that kind: the five kinds that find one object get equal shares,
+# counting less (a run of the content mix left colour at a position, 8% of its turns, at 51%). Its two runs learned
+# no kind and answered worse than the content mix (59-67%; README "What limits VQA"), so it is off by default.
 KIND_WEIGHTS = {"color_at": 1.0, "shape_at": 1.0, "color_of": 1.0, "where": 1.0, "exists": 1.0, "count": 0.25,
                 "count_shape": 0.5}
 
@@ -106,8 +105,8 @@ class TrainArgs:
     vae_check: int = 200  # held-out images whose VAE reconstructions the T2I checker scores (0: no check)
     # Show-o2
     # 1: the tokenizer also holds each world word with a leading space, as Qwen's does (" red"), so rows are shorter
-    # (VQA 104 -> 84 tokens, T2I 57 -> 38) and steps 18% faster, but neither of its two runs broke (README "What
-    # limits VQA"); 0: every space is a token of its own, as in the shipped checkpoint
+    # (padded VQA rows 103 -> 84 tokens, T2I 57 -> 38) and steps 18% faster, but none of its four runs broke (README
+    # "What limits VQA"); 0: every space is a token of its own, as in the shipped checkpoint
     glue_spaces: int = 0
     width: int = 128
     layers: int = 8
