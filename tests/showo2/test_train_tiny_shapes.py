@@ -154,14 +154,26 @@ def test_default_arguments_build_the_shipped_architecture():
     args = train.TrainArgs()
     built = train.model_config(len(train.build_world_tokenizer()), args.width, args.layers, args.ffn, args.head_ffn,
                                args.head_layers, args.semantic_width, args.semantic_layers, args.rope_theta,
-                               args.kv_heads)
+                               args.kv_heads, args.heads)
     for field in ("hidden_size", "clip_latent_dim", "image_latent_dim", "patch_size", "num_diffusion_layers",
                   "llm_vocab_size", "num_und_layers"):
         assert getattr(built, field) == getattr(shipped, field), field
-    for key in ("num_key_value_heads", "rope_theta"):
+    for key in ("num_attention_heads", "num_key_value_heads", "rope_theta"):
         assert built.llm[key] == shipped.llm[key], key
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
         assert built.llm[key] == shipped.llm[key] and built.siglip[key] == shipped.siglip[key], key
+
+
+def test_more_heads_train_and_load(tmp_path):
+    """--heads / --kv-heads set the LLM's attention heads (narrower ones, at the same width) in the written
+    checkpoint, and the pipeline runs with them."""
+    out = str(tmp_path / "heads")
+    assert train.main(TOY + ["--out", out, "--heads", "8", "--kv-heads", "4"]) == 0
+    pipe = Showo2Pipeline.from_pretrained(out)
+    llm = pipe.model.config.llm
+    assert (llm["num_attention_heads"], llm["num_key_value_heads"], llm["hidden_size"]) == (8, 4, 32)
+    images = pipe.text_to_image(["a red circle on the left"], num_inference_steps=2)
+    assert len(pipe.answer(images, ["what color is the circle?"], max_new_tokens=2)) == 1
 
 
 def test_an_unknown_caption_order_is_refused(tmp_path, capsys):
