@@ -87,6 +87,10 @@ class Showo2Config:
             raise ValueError(f"LLM hidden_size {self.llm['hidden_size']} != Show-o2 hidden_size {self.hidden_size}.")
         if self.siglip["hidden_size"] != self.clip_latent_dim:
             raise ValueError(f"SigLIP hidden_size {self.siglip['hidden_size']} != clip_latent_dim {self.clip_latent_dim}.")
+        heads = self.llm["num_attention_heads"]
+        kv_heads = self.llm.get("num_key_value_heads", heads)  # Qwen2Config's default: one per query head
+        if heads % kv_heads:  # grouped-query attention shares each key-value head among a whole number of them
+            raise ValueError(f"LLM num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}.")
         if self.head.hidden_size // self.head.num_attention_heads != self.head.head_dim:
             # The official q/k norms are sized hidden_size // num_heads; only head_dim of that size works upstream.
             raise ValueError(f"Flow head head_dim {self.head.head_dim} must equal hidden_size // num_attention_heads.")

@@ -705,6 +705,13 @@ def main(argv=None) -> int:
         parser.error(f"--question-mix {args.question_mix!r}: expected 'kinds' or 'content'.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
+    if not ns.init_from:  # the size arguments make a valid model, checked before any data is rendered
+        try:
+            model_config(len(build_world_tokenizer(args.glue_spaces)), args.width, args.layers, args.ffn,
+                         args.head_ffn, args.head_layers, args.semantic_width, args.semantic_layers, args.rope_theta,
+                         args.kv_heads, args.heads)
+        except ValueError as e:
+            parser.error(str(e))
     if ns.init_from:  # checked before any data is rendered or process started
         try:
             vocab = Showo2Config.from_pretrained(local_folder(ns.init_from)).llm_vocab_size

@@ -247,3 +247,11 @@ def test_diffusion_head_config_extension(tmp_path):
     with pytest.raises(ValueError, match=r"head_dim"):
         Showo2Config.from_pretrained(write_config(tmp_path, official_config(
             diffusion_head_config={**head, "head_dim": 32})))
+
+
+def test_llm_query_heads_must_be_a_multiple_of_the_key_value_heads():
+    """Grouped-query attention fails at the first forward otherwise; the config says so when it is made."""
+    tiny = Showo2Config.from_name("tiny")
+    llm = dict(tiny.llm, num_attention_heads=8, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="num_attention_heads 8 is not a multiple of num_key_value_heads 3"):
+        dataclasses.replace(tiny, llm=llm)

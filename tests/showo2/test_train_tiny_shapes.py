@@ -176,6 +176,13 @@ def test_more_heads_train_and_load(tmp_path):
     assert len(pipe.answer(images, ["what color is the circle?"], max_new_tokens=2)) == 1
 
 
+def test_heads_that_do_not_share_the_key_value_heads_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--heads", "8", "--kv-heads", "3"])
+    assert exit_info.value.code == 2 and "not a multiple of num_key_value_heads 3" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_unknown_caption_order_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(TOY + ["--out", str(tmp_path / "x"), "--caption-order", "Reading"])
