@@ -117,7 +117,7 @@ class TrainArgs:
     semantic_layers: int = 2
     rope_theta: float = 10000.0  # the LLM's RoPE base
     # the LLM's query heads (head width = width / heads): 8 heads of 16 (--kv-heads 4), at the same cost per step,
-    # drew better (flow loss 0.14 vs 0.23 at joint step 6200) but did not break seed 0 either (answer loss 0.24)
+    # drew better (flow loss 0.14 vs 0.21 at joint step 6200) but did not break seed 0 either (answer loss 0.24)
     heads: int = 4
     kv_heads: int = 2  # the LLM's key-value heads
     steps: int = 7500  # alternate: 3750 T2I and 3750 VQA updates
