@@ -298,3 +298,17 @@ def test_the_default_recipe_is_joint_then_redraw_then_recover():
     # no focus stage: the recover stage keeps the joint stage's question mix and VQA learning rate
     assert (plan["recover"].question_mix, plan["recover"].content_questions) == ("content", args.content_questions)
     assert plan["recover"].vqa_lr_scale == args.vqa_lr_scale and plan["recover"].caption_rows == args.caption_rows
+
+
+def test_lr_decay_holds_the_peak_then_falls_by_a_cosine_in_the_joint_stage_only():
+    peak, floor = 4e-3, 0.05
+    plain = [train.cosine_lr(s, 1000, peak, 100) for s in range(1000)]
+    assert plain == [train.cosine_lr(s, 1000, peak, 100, decay=1.0) for s in range(1000)]
+    assert plain[99] == peak and plain[100] == peak and plain[550] == pytest.approx(peak * (floor + (1 - floor) / 2))
+    held = [train.cosine_lr(s, 1000, peak, 100, decay=0.2) for s in range(1000)]
+    assert held[:100] == plain[:100]  # the same warmup
+    assert all(lr == peak for lr in held[100:820]) and held[821] < peak  # held until the last 20% of 900 steps
+    assert all(a > b for a, b in zip(held[820:], held[821:])) and held[-1] == pytest.approx(peak * floor, rel=0.01)
+    plan = dict(train.stages(train.TrainArgs(lr_decay=0.2, draw_steps=5, focus_steps=5)))
+    assert {name: a.lr_decay for name, a in plan.items()} == \
+        {"draw": 1.0, "joint": 0.2, "focus": 1.0, "redraw": 1.0, "recover": 1.0}
