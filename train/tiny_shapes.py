@@ -134,7 +134,7 @@ class TrainArgs:
     lr: float = 4e-3
     warmup: int = 100
     # the joint stage's cosine covers this last fraction of its steps, at peak lr before (warmup-stable-decay). 0.2
-    # is worse on both tasks for seed 0: answer loss 0.45-0.50 until step 5000 and 0.30 at the end of the stage (plain
+    # is worse on both tasks for seed 0: answer loss 0.45-0.53 until step 5000 and 0.30 at the end of the stage (plain
     # cosine: 0.19), flow loss 0.24 (seed 1, plain cosine: 0.17)
     lr_decay: float = 1.0
     weight_decay: float = 0.01
