@@ -715,6 +715,8 @@ def main(argv=None) -> int:
         parser.error(f"no training steps: {', '.join(step_flags.values())} are all 0.")
     if args.question_mix not in ("kinds", "content"):
         parser.error(f"--question-mix {args.question_mix!r}: expected 'kinds' or 'content'.")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"--lr-decay {args.lr_decay}: a fraction of the joint stage's steps, above 0 and at most 1.")
     if args.caption_order not in ("reading", "scene"):
         parser.error(f"--caption-order {args.caption_order!r}: expected 'reading' or 'scene'.")
     if not ns.init_from:  # the size arguments make a valid model, checked before any data is rendered

@@ -312,3 +312,11 @@ def test_lr_decay_holds_the_peak_then_falls_by_a_cosine_in_the_joint_stage_only(
     plan = dict(train.stages(train.TrainArgs(lr_decay=0.2, draw_steps=5, focus_steps=5)))
     assert {name: a.lr_decay for name, a in plan.items()} == \
         {"draw": 1.0, "joint": 0.2, "focus": 1.0, "redraw": 1.0, "recover": 1.0}
+
+
+@pytest.mark.parametrize("value", ["0", "-0.2", "1.5"])
+def test_an_lr_decay_outside_0_to_1_is_refused(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TOY + ["--out", str(tmp_path / "x"), "--lr-decay", value])
+    assert exit_info.value.code == 2 and f"--lr-decay {float(value)}: a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
