@@ -92,14 +92,23 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from jobs.submit import connect, status_lines
 
-    print("\n".join(status_lines(connect(args.address), args.job_id)), flush=True)
+    try:
+        lines = status_lines(connect(args.address), args.job_id)
+    except RuntimeError as e:  # the Jobs API failed the request (an HTTP error status); its message says why
+        print(f"flashu-batch status: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines), flush=True)
     return 0
 
 
 def cmd_logs(args) -> int:
     from jobs.submit import connect, print_logs
 
-    final = print_logs(connect(args.address), args.job_id, follow=args.follow)
+    try:
+        final = print_logs(connect(args.address), args.job_id, follow=args.follow)
+    except RuntimeError as e:  # as in status
+        print(f"flashu-batch logs: {e}", file=sys.stderr)
+        return 1
     if args.follow:  # a script can wait on the job: exit 0 only when it succeeded
         print(f"job {args.job_id}: {final}", file=sys.stderr, flush=True)
         return 0 if final == "SUCCEEDED" else 1

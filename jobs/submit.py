@@ -79,6 +79,7 @@ def auth_token() -> tuple[str | None, str]:
 
 def connect(address: str | None = None):
     """A JobSubmissionClient for `address` (or RAY_API_SERVER_ADDRESS / RAY_ADDRESS), with the token if any."""
+    import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -100,6 +101,8 @@ def connect(address: str | None = None):
     except ConnectionError as e:
         raise ValueError(f"cannot reach the Ray Jobs API at {address}: {e}. Pass the head's dashboard address "
                          f"(http://HEAD:8265) and check that the dashboard runs (ray[default]).") from None
+    except requests.HTTPError as e:  # the version check answered with an error status (Ray lets it through as is)
+        raise RuntimeError(f"the Ray Jobs API at {address} failed its version check: {e}") from None
     finally:
         os.environ.update(hidden)
 

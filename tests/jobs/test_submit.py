@@ -1,6 +1,7 @@
 """`flashu-batch submit | status | logs` against a real Ray head (`ray start --head` on loopback, token
 authentication on, one custom resource), started once for this module and stopped by its own session's PIDs."""
 
+import http.server
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -246,3 +248,47 @@ def test_token_mode_without_a_token_and_a_bad_spec_fail_before_any_request(clean
     clean_env.delenv("RAY_AUTH_MODE")
     rc, _, err = cli(capsys, "status", "j")
     assert rc == 2 and "no cluster address: pass --address http://HEAD:8265" in err
+
+
+class FailingJobsAPI(http.server.BaseHTTPRequestHandler):
+    """A head whose Jobs API answers 500 to every request (an overloaded or broken dashboard); its version check
+    too unless the server's `version_ok`."""
+
+    def do_GET(self):
+        if self.path == "/api/version" and self.server.version_ok:
+            self.answer(200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x",
+                                         "session_name": "s"}))
+        else:
+            self.answer(500, "the head is overloaded")
+
+    do_POST = do_GET
+
+    def answer(self, code: int, body: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("version_ok", [True, False], ids=["requests-fail", "version-check-fails"])
+def test_a_jobs_api_error_status_is_one_clear_line_and_exit_1(clean_env, capsys, tmp_path, version_ok):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingJobsAPI)
+    server.version_ok = version_ok
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    (tmp_path / "job.yaml").write_text("job_id: j\nmodel: {checkpoint: s3://m/c}\ntasks:\n  - {kind: t2i, input: "
+                                       "{uris: s3://d/p.jsonl, format: jsonl}, output: s3://o}\n")
+    try:
+        for argv in (["status", "j"], ["logs", "j"], ["logs", "j", "--follow"], ["submit", str(tmp_path / "job.yaml")]):
+            rc, out, err = cli(capsys, *argv, "--address", url)
+            assert rc == 1 and out == "", argv
+            assert err.count("\n") == 1 and "500" in err and err.startswith(f"flashu-batch {argv[0]}: "), (argv, err)
+            if not version_ok:
+                assert f"the Ray Jobs API at {url} failed its version check" in err
+            else:
+                assert "the head is overloaded" in err  # the cluster's own words
+    finally:
+        server.shutdown()
