@@ -144,8 +144,8 @@ class TrainArgs:
     # alternate: VQA steps use lr x this (at 4e-3 the answer loss stalls at the priors; 0.5 with content_questions
     # 0.8 and no caption rows learns the content questions, 0.35 does not; --lr 2e-3 --vqa-lr-scale 1, the drawing at
     # half its rate, answered better for seeds 0 and 2 but worse for seed 1, 78-89% over the three, drawing 83-96%;
-    # --lr 1e-3 --vqa-lr-scale 2, a quarter, gave the best runs of seed 0 (87% / 91%) and seed 2 (91% / 95%) at the
-    # end of the joint stage: README "What limits VQA")
+    # --lr 1e-3 --vqa-lr-scale 2, a quarter, answered 87 / 84 / 91% and drew 91-100% for seeds 0 / 1 / 2 on the
+    # shipped VAE, but 82% / 65% for seed 2 with its own: README "What limits VQA")
     vqa_lr_scale: float = 0.5
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     # Stages, in order (0 steps: skipped; each a fresh AdamW and cosine schedule from the last stage's shipped
