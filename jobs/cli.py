@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+JOBS_API_COMMANDS = ("submit", "status", "logs")  # talk to a cluster's Jobs API: its failures exit 1
+
 
 def cmd_parity(args) -> int:
     from showo2.parity import run_parity
@@ -81,9 +83,6 @@ def cmd_submit(args) -> int:
     except AlreadySubmitted as e:
         print(f"flashu-batch submit: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except RuntimeError as e:  # the Jobs API failed the request; its message says why
-        print(f"flashu-batch submit: {e}", file=sys.stderr)
-        return 1
     print(f"submitted job {spec.job_id} as {submission_id}; watch it with `flashu-batch status {spec.job_id}` or "
           f"`flashu-batch logs {spec.job_id} --follow`", flush=True)
     return 0
@@ -92,23 +91,14 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from jobs.submit import connect, status_lines
 
-    try:
-        lines = status_lines(connect(args.address), args.job_id)
-    except RuntimeError as e:  # the Jobs API failed the request (an HTTP error status); its message says why
-        print(f"flashu-batch status: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(lines), flush=True)
+    print("\n".join(status_lines(connect(args.address), args.job_id)), flush=True)
     return 0
 
 
 def cmd_logs(args) -> int:
     from jobs.submit import connect, print_logs
 
-    try:
-        final = print_logs(connect(args.address), args.job_id, follow=args.follow)
-    except RuntimeError as e:  # as in status
-        print(f"flashu-batch logs: {e}", file=sys.stderr)
-        return 1
+    final = print_logs(connect(args.address), args.job_id, follow=args.follow)
     if args.follow:  # a script can wait on the job: exit 0 only when it succeeded
         print(f"job {args.job_id}: {final}", file=sys.stderr, flush=True)
         return 0 if final == "SUCCEEDED" else 1
@@ -193,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input (specs, configs, checkpoints): one clear line, no traceback
         print(f"flashu-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if args.command not in JOBS_API_COMMANDS:
+            raise
+        # Ray's Jobs API client raises RuntimeError for an HTTP error status; its message gives the code and why
+        print(f"flashu-batch {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
