@@ -23,7 +23,7 @@ Three parts, all in one run:
      decoding stops); 80% of the question turns are drawn from the kinds that find an object by its colour or
      shape (--content-questions; --question-mix kinds draws each turn's kind by KIND_WEIGHTS instead), and VQA
      steps run at half the learning rate (--vqa-lr-scale): together they get past the VQA plateau of plain
-     joint training, at a cost in drawing (README "What limits VQA");
+     joint training, at a cost in drawing (docs/tiny_shapes_training.md);
      --caption-rows makes a fraction of the rows ask for the caption instead, its objects listed in reading order
      (top to bottom, left to right), so each scene has one right description (off by default: it held the
      plateau);
@@ -78,12 +78,12 @@ from showo2.vqa import prompt_embeddings
 Z_DIM = 8
 CAPTION_QUESTION = "describe the image."
 # Question kinds answered by finding an object by its colour and/or shape (not by a named position): the ones the
-# model learns slowest (README "What limits VQA").
+# model learns slowest (docs/tiny_shapes_training.md).
 CONTENT_KINDS = ("color_of", "where", "exists", "count_shape")
 # --question-mix kinds: each question turn draws its kind with these weights (among the kinds the scene has questions
 # of left), then one of the scene's questions of that kind: the five kinds that find one object get equal shares,
 # counting less (a run of the content mix left colour at a position, 8% of its turns, at 51%). Its two runs learned
-# no kind and answered worse than the content mix (59-67%; README "What limits VQA"), so it is off by default.
+# no kind and answered worse than the content mix (59-67%; docs/tiny_shapes_training.md), so it is off by default.
 KIND_WEIGHTS = {"color_at": 1.0, "shape_at": 1.0, "color_of": 1.0, "where": 1.0, "exists": 1.0, "count": 0.25,
                 "count_shape": 0.5}
 
@@ -91,7 +91,8 @@ KIND_WEIGHTS = {"color_at": 1.0, "shape_at": 1.0, "color_of": 1.0, "where": 1.0,
 @dataclasses.dataclass
 class TrainArgs:
     # The comparisons quoted in comments here are single seed-0 runs; runs of one recipe at 2000 steps spread by
-    # about 10 points of held-out VQA and 2x in flow loss across seeds (README), so treat small ones as untested.
+    # about 10 points of held-out VQA and 2x in flow loss across seeds (docs/tiny_shapes_training.md), so treat
+    # small ones as untested.
     seed: int = 0
     n_scenes: int = 20000
     # VAE
@@ -105,8 +106,8 @@ class TrainArgs:
     vae_check: int = 200  # held-out images whose VAE reconstructions the T2I checker scores (0: no check)
     # Show-o2
     # 1: the tokenizer also holds each world word with a leading space, as Qwen's does (" red"), so rows are shorter
-    # (padded VQA rows 103 -> 84 tokens, T2I 57 -> 38) and steps 18% faster, but none of its four runs broke (README
-    # "What limits VQA"); 0: every space is a token of its own, as in the shipped checkpoint
+    # (padded VQA rows 103 -> 84 tokens, T2I 57 -> 38) and steps 18% faster, but none of its four runs broke
+    # (docs/tiny_shapes_training.md); 0: every space is a token of its own, as in the shipped checkpoint
     glue_spaces: int = 0
     width: int = 128
     layers: int = 8
@@ -145,14 +146,14 @@ class TrainArgs:
     # 0.8 and no caption rows learns the content questions, 0.35 does not; --lr 2e-3 --vqa-lr-scale 1, the drawing at
     # half its rate, answered better for seeds 0 and 2 but worse for seed 1, 78-89% over the three, drawing 83-96%;
     # --lr 1e-3 --vqa-lr-scale 2, a quarter, answered 87 / 84 / 91% and drew 91-100% for seeds 0 / 1 / 2 on the
-    # shipped VAE, but 82% / 65% for seed 2 with its own: README "What limits VQA")
+    # shipped VAE, but 82% / 65% for seed 2 with its own: docs/tiny_shapes_training.md)
     vqa_lr_scale: float = 0.5
     vqa_per_t2i: int = 1  # alternate: VQA steps after each T2I step (1: T2I and VQA in turn)
     # Stages, in order (0 steps: skipped; each a fresh AdamW and cosine schedule from the last stage's shipped
     # weights, warmup stage_warmup after the first): draw: T2I only; joint (`steps`, the settings above): T2I and
     # VQA in turn; focus: VQA only, on questions only (no caption rows), each drawn from CONTENT_KINDS with
     # probability focus_content_questions: it teaches finding an object by colour or shape, which joint training
-    # leaves near guessing (README "What limits VQA"), and unlearns drawing; redraw: T2I only: drawing, which the
+    # leaves near guessing (docs/tiny_shapes_training.md), and unlearns drawing; redraw: T2I only: drawing, which the
     # joint stage's VQA-heavy settings leave weak, is learned fast, at a cost in answering; recover: T2I and VQA in
     # turn as in the joint stage, with the question mix of the VQA stage before it: what the stages before it
     # unlearned comes back, and what they learned stays.
