@@ -183,12 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input (specs, configs, checkpoints): one clear line, no traceback
         print(f"flashu-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if args.command not in JOBS_API_COMMANDS:
+    except Exception as e:
+        failure = jobs_api_failure(e) if args.command in JOBS_API_COMMANDS else None
+        if failure is None:
             raise
-        # Ray's Jobs API client raises RuntimeError for an HTTP error status; its message gives the code and why
-        print(f"flashu-batch {args.command}: {e}", file=sys.stderr)
+        print(f"flashu-batch {args.command}: {failure}", file=sys.stderr)
         return 1
+
+
+def jobs_api_failure(e: Exception) -> str | None:
+    """What to tell the user when `e` is the cluster's failure, not ours (None otherwise): Ray's Jobs API client
+    raises RuntimeError for an HTTP error status (its message gives the code and why), and lets requests' errors
+    through when the head goes away after `connect`."""
+    import requests
+
+    if isinstance(e, RuntimeError):
+        return str(e)
+    if isinstance(e, requests.RequestException):
+        url = getattr(e.request, "url", None) or "the cluster"
+        return f"the Ray Jobs API stopped answering ({url}): {e}"
+    return None
 
 
 if __name__ == "__main__":

@@ -205,11 +205,17 @@ def print_logs(client, job_id: str, follow: bool = False) -> str:
 
     _, info = latest(client, job_id)
     if follow:
+        import aiohttp
+
         async def tail():
             async for chunk in client.tail_job_logs(info.submission_id):
                 print(chunk, end="", flush=True)
 
-        asyncio.run(tail())
+        try:
+            asyncio.run(tail())
+        except (RuntimeError, aiohttp.ClientError) as e:  # the head, or a proxy in front of it, dropped the stream
+            raise RuntimeError(f"the log stream broke ({e}); the job may still be running: `flashu-batch status "
+                               f"{job_id}` shows it, `flashu-batch logs {job_id} --follow` follows it again") from None
     else:
         print(client.get_job_logs(info.submission_id), end="", flush=True)
     return state(client.get_job_info(info.submission_id))

@@ -292,3 +292,106 @@ def test_a_jobs_api_error_status_is_one_clear_line_and_exit_1(clean_env, capsys,
                 assert "the head is overloaded" in err  # the cluster's own words
     finally:
         server.shutdown()
+
+
+def running_job(submission_id: str) -> dict:
+    return {"type": "SUBMISSION", "job_id": None, "submission_id": submission_id, "driver_info": None,
+            "status": "RUNNING", "entrypoint": "python -m jobs.driver", "message": "running", "error_type": None,
+            "start_time": 1, "end_time": None, "metadata": {}, "runtime_env": {},
+            "driver_agent_http_address": None, "driver_node_id": None, "driver_exit_code": None}
+
+
+class FlakyHead:
+    """A Jobs API head (aiohttp, on its own thread) with one running job whose failure is `mode`:
+    "reset": the log stream sends a line, then the connection is reset (no close frame);
+    "proxy": a proxy in front of the head answers the log stream's websocket upgrade with 502;
+    "gone": the log stream sends a line and closes, then the head is gone: every later request is reset;
+    "gone-after-connect": only the version check answers, every other request is reset."""
+
+    def __init__(self, mode: str):
+        import asyncio
+
+        from aiohttp import web
+
+        self.mode, self.gone = mode, mode == "gone-after-connect"
+        app = web.Application()
+        app.add_routes([web.get("/api/version", self.version), web.get("/api/jobs/", self.jobs),
+                        web.get("/api/jobs/{id}", self.job), web.get("/api/jobs/{id}/logs/tail", self.tail),
+                        web.post("/api/jobs/", self.jobs)])
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def reset_if_gone(self, request) -> None:
+        from aiohttp import web
+
+        if self.gone:
+            request.transport.abort()
+            raise web.HTTPServiceUnavailable()  # never sent: the connection is already reset
+
+    async def version(self, request):
+        from aiohttp import web
+
+        return web.json_response({"version": "4", "ray_version": "2.60.0", "ray_commit": "x", "session_name": "s"})
+
+    async def jobs(self, request):
+        from aiohttp import web
+
+        self.reset_if_gone(request)
+        return web.json_response([running_job("j")])
+
+    async def job(self, request):
+        from aiohttp import web
+
+        self.reset_if_gone(request)
+        return web.json_response(running_job(request.match_info["id"]))
+
+    async def tail(self, request):
+        from aiohttp import web
+
+        self.reset_if_gone(request)
+        if self.mode == "proxy":
+            return web.Response(status=502, text="bad gateway")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("line 1\n")
+        if self.mode == "reset":
+            request.transport.abort()
+            return ws
+        await ws.close()
+        self.gone = True
+        return ws
+
+
+@pytest.mark.parametrize("mode", ["reset", "proxy", "gone", "gone-after-connect"])
+def test_a_head_that_goes_away_is_one_clear_line_and_exit_1(clean_env, tmp_path, mode):
+    head = FlakyHead(mode)
+    (tmp_path / "job.yaml").write_text("job_id: j\nmodel: {checkpoint: s3://m/c}\ntasks:\n  - {kind: t2i, input: "
+                                       "{uris: s3://d/p.jsonl, format: jsonl}, output: s3://o}\n")
+    commands = [["logs", "j", "--follow"]]
+    if mode == "gone-after-connect":
+        commands += [["status", "j"], ["logs", "j"], ["submit", str(tmp_path / "job.yaml")]]
+    try:
+        for argv in commands:
+            rc, out, err = cli_process({}, *argv, "--address", head.url)  # a real run: Ray logs to its stderr
+            last = err.strip().splitlines()[-1]
+            assert rc == 1 and "Traceback" not in err, (argv, err)
+            assert last.startswith(f"flashu-batch {argv[0]}: "), (argv, err)
+            if mode in ("reset", "proxy"):
+                assert out == "line 1\n" or mode == "proxy"
+                assert "the log stream broke" in last and "`flashu-batch status j` shows it" in last, last
+                assert ("502" in last) == (mode == "proxy"), last
+            else:
+                assert f"the Ray Jobs API stopped answering ({head.url}/api/jobs/" in last, last
+    finally:
+        head.stop()
