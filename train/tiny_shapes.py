@@ -57,6 +57,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
 import time
 
@@ -752,7 +753,18 @@ def main(argv=None) -> int:
     with socket.socket() as sock:  # a free port for the process group
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(run, args=(procs, port, ns, args, argv), nprocs=procs, join=True)
+    workers = mp.spawn(run, args=(procs, port, ns, args, argv), nprocs=procs, join=False)
+    # A SIGTERM to this process (`kill`, a scheduler's time limit) stops the workers too instead of leaving them to
+    # train on as orphans: exit through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        while not workers.join():  # raises if a worker fails, after stopping the others
+            pass
+    finally:
+        for worker in workers.processes:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
     return 0
 
 

@@ -320,3 +320,62 @@ def test_an_lr_decay_outside_0_to_1_is_refused(tmp_path, capsys, value):
         train.main(TOY + ["--out", str(tmp_path / "x"), "--lr-decay", value])
     assert exit_info.value.code == 2 and f"--lr-decay {float(value)}: a fraction" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i + 1] + [value] + argv[i + 2:]
+
+
+def descendants(pid: int) -> set[int]:
+    """The live process tree under `pid` (Linux /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except FileNotFoundError:
+            continue
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from Linux /proc")
+def test_a_sigterm_to_a_two_process_run_stops_its_workers(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    argv = with_flag(with_flag(TOY, "--procs", "2"), "--steps", "100000")  # two workers, still training when stopped
+    log = open(tmp_path / "log", "w+")
+    parent = subprocess.Popen([sys.executable, "-m", "train.tiny_shapes", *argv, "--out", str(tmp_path / "x")],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "joint step" not in (tmp_path / "log").read_text():  # both workers are training
+            assert parent.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.5)
+        workers = descendants(parent.pid)
+        assert len(workers) >= 2
+        parent.terminate()
+        assert parent.wait(timeout=60) == 128 + 15
+        deadline = time.time() + 30
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if alive(w)], "workers left training after the run was stopped"
+    finally:
+        for p in [parent.pid, *descendants(parent.pid)]:
+            try:
+                os.kill(p, 9)
+            except ProcessLookupError:
+                pass
