@@ -223,23 +223,23 @@ def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
 def stages(args: TrainArgs) -> list[tuple[str, TrainArgs]]:
     """The training stages that have steps, in order, each with the arguments it runs with: draw, joint, focus,
     redraw, recover."""
+    plain = dataclasses.replace(args, lr_decay=1.0)  # lr_decay shapes the joint stage only; the others: plain cosine
     plan = []
     if args.draw_steps:
-        plan.append(("draw", dataclasses.replace(args, steps=args.draw_steps, vqa_batch=0, lr_decay=1.0)))
+        plan.append(("draw", dataclasses.replace(plain, steps=args.draw_steps, vqa_batch=0)))
     if args.steps:
         plan.append(("joint", dataclasses.replace(args, warmup=args.stage_warmup) if plan else args))
-    args = dataclasses.replace(args, lr_decay=1.0)  # the stages after the joint one: plain cosine
     if args.focus_steps:
-        plan.append(("focus", dataclasses.replace(args, steps=args.focus_steps, lr=args.focus_lr,
+        plan.append(("focus", dataclasses.replace(plain, steps=args.focus_steps, lr=args.focus_lr,
                                                   warmup=args.stage_warmup, t2i_batch=0, caption_rows=0.0,
                                                   question_mix="content",
                                                   content_questions=args.focus_content_questions)))
     if args.redraw_steps:
-        plan.append(("redraw", dataclasses.replace(args, steps=args.redraw_steps, lr=args.redraw_lr,
+        plan.append(("redraw", dataclasses.replace(plain, steps=args.redraw_steps, lr=args.redraw_lr,
                                                    warmup=args.stage_warmup, vqa_batch=0)))
     if args.recover_steps:
         mix = dict(question_mix="content", content_questions=args.focus_content_questions) if args.focus_steps else {}
-        plan.append(("recover", dataclasses.replace(args, steps=args.recover_steps, lr=args.recover_lr,
+        plan.append(("recover", dataclasses.replace(plain, steps=args.recover_steps, lr=args.recover_lr,
                                                     warmup=args.stage_warmup, **mix)))
     return plan
 
@@ -353,7 +353,7 @@ class Batcher:
     """Builds the T2I and VQA training rows from scenes, tokenising each distinct string once."""
 
     def __init__(self, tokenizer, tokens: SpecialTokens, scenes, num_image_slots: int, seed: int,
-                 caption_order: str = "scene"):
+                 caption_order: str = TrainArgs.caption_order):
         self.tokenizer, self.tokens, self.scenes, self.S = tokenizer, tokens, scenes, num_image_slots
         self.caption_order = caption_order
         self.rng = random.Random(seed)
