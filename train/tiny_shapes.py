@@ -91,10 +91,10 @@ KIND_WEIGHTS = {"color_at": 1.0, "shape_at": 1.0, "color_of": 1.0, "where": 1.0,
 
 @dataclasses.dataclass
 class TrainArgs:
-    # The comparisons quoted in comments here are single seed-0 runs; runs of one recipe at 2000 steps spread by
-    # about 10 points of held-out VQA and 2x in flow loss across seeds (docs/tiny_shapes_training.md), so treat
-    # small ones as untested.
-    seed: int = 0
+    # The comparisons quoted in comments here are single runs, seed 0 unless they say otherwise; runs of one recipe
+    # at 2000 steps spread by about 10 points of held-out VQA and 2x in flow loss across seeds
+    # (docs/tiny_shapes_training.md), so treat small ones as untested.
+    seed: int = 1  # the shipped checkpoint's: other seeds answer worse (README, "Where this stands")
     n_scenes: int = 20000
     # VAE
     vae_steps: int = 2400
