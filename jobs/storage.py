@@ -42,6 +42,34 @@ class StorageUnreachable(RuntimeError):
     """The S3 endpoint a job needs does not answer; raised before any work (see Storage.check_reachable)."""
 
 
+class StorageUnavailable(RuntimeError):
+    """A read failed for a reason that says nothing about the object: no connection, a timeout, a connection
+    dropped mid-transfer, a 5xx or throttling answer (after the client's own retries). Not the row's fault: the
+    task that made the read fails and is retried (scheduler/pipeline.py, RETRIED_STORAGE_ERRORS)."""
+
+    MARKER = "storage unavailable"
+
+    def __init__(self, uri: str, error: BaseException):
+        super().__init__(f"{self.MARKER} reading {uri}: {type(error).__name__}: {error}")
+
+
+# Error codes of a store that is overloaded or failing, as opposed to codes about the object or the request
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded",
+                    "ServiceUnavailable", "InternalError", "TooManyRequests"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an S3 client error is the store's passing trouble rather than an answer about the object."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(error, (ConnectionError, HTTPClientError, IncompleteReadError)):  # refused, reset, timed out
+        return True
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or error.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    return False
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -131,7 +159,7 @@ class Storage:
 
     def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; FileNotFoundError when it does not exist, ObjectTooLarge (before reading any of it)
-        when it is over max_bytes."""
+        when it is over max_bytes, StorageUnavailable when the store failed for a passing reason (retry later)."""
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -143,14 +171,20 @@ class Storage:
         bucket, key = split_s3(uri)
         try:
             response = self.s3_client().get_object(Bucket=bucket, Key=key)
+            with response["Body"] as body:  # the size comes with the headers: a huge object is never downloaded
+                if max_bytes is not None and response["ContentLength"] > max_bytes:
+                    raise ObjectTooLarge(uri, response["ContentLength"], max_bytes)
+                return body.read()
         except ClientError as e:
             if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
+            if is_transient(e):
+                raise StorageUnavailable(uri, e) from e
             raise
-        with response["Body"] as body:  # the size comes with the headers: a huge object is never downloaded
-            if max_bytes is not None and response["ContentLength"] > max_bytes:
-                raise ObjectTooLarge(uri, response["ContentLength"], max_bytes)
-            return body.read()
+        except Exception as e:
+            if is_transient(e):
+                raise StorageUnavailable(uri, e) from e
+            raise
 
     def check_reachable(self, uris: list[str]) -> None:
         """Fail fast when the S3 endpoint behind any s3:// URI does not answer: one HEAD per bucket with a short

@@ -15,7 +15,7 @@ import pyarrow as pa
 from jobs.ids import find, hash_ids
 from jobs.output import SCHEMAS, TaskOutput
 from jobs.spec import InputSpec, JobSpec, T2ITask, VQATask
-from jobs.storage import Storage
+from jobs.storage import Storage, StorageUnavailable
 from scheduler.read import read_units
 from scheduler.validate import validate_t2i, validate_vqa
 
@@ -40,6 +40,7 @@ RETRIED_STORAGE_ERRORS = [
     "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 503)",
     "Could not connect to the endpoint URL", "Connection was closed before we received a valid response",  # botocore
     "Read timeout on endpoint URL",
+    StorageUnavailable.MARKER,  # jobs/storage.py: an image fetch (or another read) that met an outage
 ]
 STORAGE_MAX_RETRIES = 5
 

@@ -9,7 +9,7 @@ import hashlib
 import pyarrow as pa
 
 from jobs.spec import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from jobs.storage import ObjectTooLarge, Storage
+from jobs.storage import ObjectTooLarge, Storage, StorageUnavailable
 from scheduler.read import ROW_SCHEMAS
 from workers.images import ImageError, decode_image
 
@@ -55,7 +55,9 @@ def load_image(row: dict, storage: Storage, max_pixels: int, max_bytes: int) -> 
         except ObjectTooLarge as e:  # refused before downloading it
             return (f"image {row['image_path']!r} is {e.size} bytes, over the {max_bytes}-byte limit "
                     f"(params.max_image_bytes)")
-        except Exception as e:  # noqa: BLE001 -- permissions, network: the row fails, the job goes on
+        except StorageUnavailable:  # an outage, not this row: the task fails and is retried, the row stays to do
+            raise
+        except Exception as e:  # noqa: BLE001 -- permissions, a bad URI: the row fails, the job goes on
             return f"image {row['image_path']!r} could not be read: {type(e).__name__}: {e}"
     data = row["image_bytes"]
     try:

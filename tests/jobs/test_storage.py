@@ -99,3 +99,46 @@ def test_create_only_falls_back_where_the_server_refuses_conditional_puts(capsys
     strict._s3 = RefusingClient()
     with pytest.raises(Exception, match="NotImplemented"):
         strict.create("s3://b/k", b"1")
+
+
+class FailingS3:
+    """An S3 client whose get_object raises `error`."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def get_object(self, **kwargs):
+        raise self.error
+
+
+def client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+def outages():
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+    return [EndpointConnectionError(endpoint_url="http://s3"), ConnectionClosedError(endpoint_url="http://s3"),
+            ReadTimeoutError(endpoint_url="http://s3"), client_error("SlowDown", 503),
+            client_error("InternalError", 500), client_error("TooManyRequests", 429)]
+
+
+def test_a_read_that_meets_an_outage_is_storage_unavailable_and_answers_about_the_object_are_not(monkeypatch):
+    from jobs.storage import StorageUnavailable
+
+    storage = Storage(StorageSpec(endpoint_url="http://s3", path_style=True))
+    for error in outages():
+        monkeypatch.setattr(storage, "s3_client", lambda error=error: FailingS3(error))
+        with pytest.raises(StorageUnavailable, match=r"^storage unavailable reading s3://b/k\.png: ") as caught:
+            storage.read_bytes("s3://b/k.png")
+        assert caught.value.__cause__ is error
+    for error, expected in [(client_error("NoSuchKey", 404), FileNotFoundError),
+                            (client_error("AccessDenied", 403), Exception),
+                            (client_error("InvalidObjectState", 403), Exception)]:
+        monkeypatch.setattr(storage, "s3_client", lambda error=error: FailingS3(error))
+        with pytest.raises(expected) as caught:
+            storage.read_bytes("s3://b/k.png")
+        assert not isinstance(caught.value, StorageUnavailable), error

@@ -5,6 +5,7 @@
 - a row that kills every worker that touches it (a poison row): bounded retries, then a clear job error, not a loop;
 - the driver killed between a data file and its commit record: the re-run finishes, the orphan is never read;
 - the S3 server (SeaweedFS, disk-backed) killed and restarted mid-job: the job finishes, by itself or on a re-run.
+- VQA images fetched from a store that hangs up for longer than the S3 client's retries: retried, no error rows.
 """
 
 import json
@@ -252,3 +253,87 @@ def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ra
     assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
     rows = check_every_id_once(storage, root)  # read back from the restarted server: nothing lost on its disk
     assert all(r["image"]["bytes"][:4] == b"\x89PNG" for r in rows)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of an S3 server that hangs up on its first `failures` connections (accepted, then
+    closed before any answer: what a restarting server or a load balancer losing its backend looks like), then
+    forwards every byte both ways."""
+
+    def __init__(self, target_url: str, failures: int):
+        import socket
+        import threading
+
+        host, port = target_url.split("//", 1)[1].split(":")
+        self.target, self.failures, self.refused = (host, int(port)), failures, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            if self.refused < self.failures:
+                self.refused += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_image_fetch_that_meets_an_outage_is_retried_not_an_error_row(ray_session, checkpoint, s3_endpoint,
+                                                                          tmp_path):
+    """VQA images by s3:// URI, through a store that hangs up on the first fetches for longer than the S3 client's
+    own retries: the validate task fails on the outage and Ray Data runs it again, so every row is answered in the
+    same run. (An error row here would be final: a re-run does not retry error rows.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch_testkit import make_bucket, png_bytes
+    from jobs.spec import StorageSpec
+    from jobs.storage import ATTEMPTS
+
+    bucket = make_bucket(s3_endpoint, "flaky-img")
+    direct = Storage(StorageSpec(endpoint_url=s3_endpoint, path_style=True))
+    for i in range(4):
+        direct.write_bytes(join(bucket, f"img{i}.png"), png_bytes((60 * i, 0, 255)))
+    images = [{"bytes": None, "path": join(bucket, f"img{i}.png")} for i in range(4)]
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(4)], "question": ["what color?"] * 4,
+                             "image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+                   tmp_path / "qa.parquet")
+    proxy = FlakyProxy(s3_endpoint, failures=ATTEMPTS + 1)  # one fetch's every attempt, and one more
+    task = dict(kind="vqa", input=dict(uris=str(tmp_path / "qa.parquet"), format="parquet"),
+                output=str(tmp_path / "out"), params=dict(max_new_tokens=2))
+    try:
+        results = run_job(parse_spec(spec_dict("flaky-images", checkpoint, [task], proxy.url)))
+    finally:
+        proxy.close()
+    assert proxy.refused == ATTEMPTS + 1  # the outage happened, and outlasted the client's own retries
+    rows = read_output(Storage(), results["vqa"]["output"]).to_pylist()
+    assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2", "q3"]
+    assert [(r["id"], r["error"]) for r in rows if r["error"] is not None] == []
+    assert all(len(r["image_sha256"]) == 64 for r in rows)
