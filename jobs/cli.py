@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
     from jobs.run import run_and_report
 
     try:
-        return run_and_report(spec, address=args.address, quiet=args.quiet)
+        return run_and_report(spec, address=args.address, quiet=args.quiet, retry_errors=args.retry_errors)
     except RuntimeError as e:  # an unfinished job (rows without a committed result): re-running resumes it
         print(f"flashu-batch run: {e}", file=sys.stderr)
         return 1
@@ -79,7 +79,7 @@ def cmd_submit(args) -> int:
         print(f"note: {len(local)} location(s) in the spec are local paths (e.g. {local[0]}): every node of the "
               f"cluster must see them at the same path (a shared filesystem); use s3:// otherwise.", file=sys.stderr)
     try:
-        submission_id = submit(spec, args.address, resume=args.resume)
+        submission_id = submit(spec, args.address, resume=args.resume, retry_errors=args.retry_errors)
     except AlreadySubmitted as e:
         print(f"flashu-batch submit: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (ray://HOST:10001, HOST:6379 or auto); default: start a "
                                      "local Ray on this machine")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no Ray logs; the summary only")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="also run again the ids that earlier runs committed only as error rows (a timeout, a "
+                        "model error, an image the job could not read then); a row that succeeds replaces its "
+                        "error row")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("specialize", help="calibrate a FlashU task specialist once and save it as an artifact")
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help=address_help)
     p.add_argument("--resume", action="store_true", help="if earlier attempts ended unsuccessfully, submit "
                                                          "<job_id>-attempt-N: committed rows are kept and skipped")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="once earlier attempts ended (even successfully), submit <job_id>-attempt-N that runs again "
+                        "the ids committed only as error rows (`run --retry-errors`)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="state, message and times of a submitted job's latest attempt")

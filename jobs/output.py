@@ -3,13 +3,14 @@
 Layout of one task's output, `<output>/<job_id>/<task>/`:
 
     data/part-<uuid>.parquet   result rows (schema below); written first, invisible until committed
-    _commits/<key>.json        create-only commit record: {"file", "ids", "rows", "errors", ...}; key = hash of
-                               the sorted ids, so a retried write of the same rows cannot commit twice
+    _commits/<key>.json        create-only commit record: {"file", "ids", "rows", "errors", "error_ids", ...};
+                               key = hash of the sorted ids, so a retried write of the same rows cannot commit twice
     _SUCCESS                   manifest written by the driver at the end: the committed files, deduplicated by id
     metrics.json               rows, errors, throughput, seconds of the task
 
 Readers trust `_SUCCESS` when it exists, else the commit records (`read_output`). A data file no record names is
-an orphan (a crash between write and commit, or a retry that lost the commit race) and is never read.
+an orphan (a crash between write and commit, or a retry that lost the commit race) and is never read. Where one id
+has several committed rows (a re-run with --retry-errors, a race), a row that succeeded wins over an error row.
 """
 
 import hashlib
@@ -60,8 +61,11 @@ def task_root(output: str, job_id: str, task_name: str) -> str:
     return join(output, job_id, task_name)
 
 
-def ids_key(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
+def ids_key(ids: list[str], run_id: str = "") -> str:
+    """A commit record's key: a hash of the sorted ids (and of the run id, for a record of ids an earlier run
+    committed)."""
+    text = "\n".join(sorted(ids))
+    return hashlib.sha256((f"{run_id}\0{text}" if run_id else text).encode()).hexdigest()[:32]
 
 
 def hold_before_commit_hook(hold_s: float = 600.0) -> None:
@@ -90,7 +94,9 @@ class TaskOutput:
 
     def write_and_commit(self, table: pa.Table, run_id: str = "") -> dict:
         """Write one data file, then create its commit record. Returns {"file", "rows", "errors", "committed"};
-        committed=False when the same ids were committed before (a retried write): the new file is removed."""
+        committed=False when this run committed the same ids before (a retried write): the new file is removed.
+        Where an earlier run committed them (error rows that a --retry-errors run did again), the rows get a record
+        of their own, keyed with the run id, and finalize keeps the better row of each id."""
         ids = table.column("id").to_pylist()
         assert len(set(ids)) == len(ids) and None not in ids, f"a data file needs unique non-null ids, got {ids[:5]}"
         rel = f"data/part-{uuid.uuid4().hex}.parquet"
@@ -98,14 +104,24 @@ class TaskOutput:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, path, filesystem=fs, compression="zstd")
         hold_before_commit_hook()  # tests only: inert unless FLASHU_TEST_HOLD_BEFORE_COMMIT is set
-        errors = len(ids) - table.column("error").null_count
-        record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, run_id=run_id,
-                      created_unix=time.time())
-        committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids)}.json"),
-                                        json.dumps(record).encode())
+        error_ids = error_ids_of(table)
+        errors = len(error_ids)
+        record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, error_ids=error_ids,
+                      run_id=run_id, created_unix=time.time())
+        payload = json.dumps(record).encode()
+        committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids)}.json"), payload)
+        if not committed and self.record_run_id(ids_key(ids)) != run_id:
+            committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids, run_id)}.json"), payload)
         if not committed:
             self.storage.delete(join(self.root, rel))
         return dict(file=rel, rows=len(ids), errors=errors, committed=committed)
+
+    def record_run_id(self, key: str) -> str | None:
+        """The run that created commit record `key` (None if it is gone)."""
+        try:
+            return json.loads(self.storage.read_bytes(join(self.root, "_commits", f"{key}.json"))).get("run_id", "")
+        except FileNotFoundError:
+            return None
 
     # ---- driver side ----------------------------------------------------------------------------------------------
 
@@ -126,6 +142,19 @@ class TaskOutput:
     def committed_ids(self) -> set[str]:
         return {i for record in self.commits() for i in record["ids"]}
 
+    def error_ids(self, record: dict) -> list[str]:
+        """The ids of a commit record's error rows. Records written before "error_ids" existed name only their
+        count: those are read from the data file (its id and error columns), and a file that is gone has none."""
+        if "error_ids" in record:
+            return record["error_ids"]
+        if not record["errors"]:
+            return []
+        fs, path = self.storage.arrow_fs(join(self.root, record["file"]))
+        try:
+            return error_ids_of(pq.read_table(path, filesystem=fs, columns=["id", "error"]))
+        except FileNotFoundError:
+            return []
+
     def manifest(self) -> dict | None:
         try:
             return json.loads(self.storage.read_bytes(join(self.root, "_SUCCESS")))
@@ -137,7 +166,8 @@ class TaskOutput:
         and orphaned files. Idempotent: on a clean state it rewrites the same manifest and writes no data file."""
         # 1. Finish an interrupted earlier finalize: records replaced by a rewrite go away. Each record keeps its ids
         #    as 16-byte hashes (jobs/ids.py), not strings: a task may have millions.
-        records = [dict(r, ids=None, hashes=hash_ids(r["ids"])) for r in self.iter_commits()]
+        records = [dict(r, ids=None, error_ids=None, hashes=hash_ids(r["ids"]),
+                        failed=failed_mask(r["ids"], self.error_ids(r))) for r in self.iter_commits()]
         replaced = {k for r in records for k in r.get("replaces", [])}
         for r in records:
             if r["key"] in replaced:
@@ -152,17 +182,25 @@ class TaskOutput:
             self.storage.delete(join(self.root, "_commits", f"{r['key']}.json"))
         records = [r for r in records if r["file"] in data_files]
 
-        # 3. Each id once: larger files first claim their ids; a file with some ids claimed elsewhere is rewritten
-        #    without them (new file + record that `replaces` the old one), a file with all of them claimed is dropped
+        # 3. Each id once: rows that succeeded claim their ids before error rows, and within each, larger files
+        #    first; a file with some ids claimed elsewhere is rewritten without them (new file + record that
+        #    `replaces` the old one), a file with all of them claimed is dropped
         records.sort(key=lambda r: (-r["rows"], r["key"]))
         claims, at = np.empty(sum(len(r["hashes"]) for r in records), HASH), 0  # all ids, in claiming order
+        failed = np.concatenate([np.zeros(0, bool)] + [r.pop("failed") for r in records])
         for r in records:  # each record's hashes go as they are copied: one copy of them at a time
             hashes = r.pop("hashes")
             claims[at:at + len(hashes)], at = hashes, at + len(hashes)
+        claim_order = None
+        if failed.any():  # error rows claim last (a stable reordering: the first claim is the earliest position)
+            claim_order = np.concatenate([np.flatnonzero(~failed), np.flatnonzero(failed)])
+            claims = claims[claim_order]
         order, first = first_occurrences(claims)
         fresh = np.empty_like(first)
         fresh[order] = first  # True where the id's first claim is this one
-        del claims, order, first
+        if claim_order is not None:
+            fresh[claim_order] = fresh.copy()  # back to the records' order
+        del claims, order, first, failed, claim_order
         keep, superseded, at = [], [], 0
         for r in records:
             mine, at = fresh[at:at + r["rows"]], at + r["rows"]
@@ -203,12 +241,25 @@ class TaskOutput:
         rel = f"data/part-{uuid.uuid4().hex}.parquet"
         fs, path = self.storage.arrow_fs(join(self.root, rel))
         pq.write_table(table, path, filesystem=fs, compression="zstd")
-        ids = table.column("id").to_pylist()
-        new = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=len(ids) - table.column("error").null_count,
+        ids, error_ids = table.column("id").to_pylist(), error_ids_of(table)
+        new = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=len(error_ids), error_ids=error_ids,
                    run_id="finalize", created_unix=time.time(), replaces=[record["key"]])
         key = ids_key(ids)
         self.storage.create(join(self.root, "_commits", f"{key}.json"), json.dumps(new).encode())
         return dict(new, key=key)
+
+
+def error_ids_of(table: pa.Table) -> list[str]:
+    """The ids of a result table's error rows, in order."""
+    return table.filter(pc.is_valid(table.column("error"))).column("id").to_pylist()
+
+
+def failed_mask(ids: list[str], error_ids: list[str]) -> np.ndarray:
+    """(len(ids),) bool: True at the ids that are error rows."""
+    if not error_ids:
+        return np.zeros(len(ids), bool)
+    failed = set(error_ids)
+    return np.fromiter((i in failed for i in ids), bool, len(ids))
 
 
 def _slices(files: list[dict], max_bytes: int):
@@ -245,11 +296,12 @@ def read_output(storage: Storage, root: str, limit: int | None = None) -> pa.Tab
     if not tables:
         return SCHEMAS[kind].empty_table() if kind else pa.table({"id": pa.array([], pa.string())})
     table = pa.concat_tables(tables)
-    if manifest is None:  # an in-progress read may meet a duplicate that finalize would remove: first one wins
-        seen, keep = set(), []
+    if manifest is None:  # an in-progress read may meet a duplicate that finalize would remove: as finalize, a row
+        #                     that succeeded wins over an error row, else the first one
+        keep: dict[str, int] = {}
+        ok = table.column("error").is_null().to_pylist()
         for i, row_id in enumerate(table.column("id").to_pylist()):
-            if row_id not in seen:
-                seen.add(row_id)
-                keep.append(i)
-        table = table.take(pa.array(keep, pa.int64()))
+            if row_id not in keep or (ok[i] and not ok[keep[row_id]]):
+                keep[row_id] = i
+        table = table.take(pa.array(sorted(keep.values()), pa.int64()))
     return table if limit is None else table.slice(0, limit)

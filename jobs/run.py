@@ -29,7 +29,8 @@ def summary_lines(spec: JobSpec, results: dict) -> list[str]:
         m = r["metrics"]
         lines.append(f"  {name}: {r['rows']} rows ({r['errors']} errors) in {len(r['files'])} files -> {r['output']}; "
                      f"this run {m['rows_this_run']} rows in {m['seconds']:.1f}s ({m['rows_per_s']:.2f} rows/s), "
-                     f"{m['skipped']} done before")
+                     f"{m['skipped']} done before" + (f", {m['retried_errors']} error rows retried"
+                                                      if m.get("retried_errors") else ""))
         repeated = m["repeated_ids"]
         if repeated["rows"]:
             first = repeated["examples"][0]
@@ -38,9 +39,10 @@ def summary_lines(spec: JobSpec, results: dict) -> list[str]:
     return lines
 
 
-def run_and_report(spec: JobSpec, address: str | None = None, quiet: bool = False) -> int:
+def run_and_report(spec: JobSpec, address: str | None = None, quiet: bool = False, retry_errors: bool = False) -> int:
     from scheduler.driver import run_job
 
-    results = run_job(spec, address=address, quiet=quiet, on_progress=None if quiet else ProgressPrinter())
+    results = run_job(spec, address=address, quiet=quiet, on_progress=None if quiet else ProgressPrinter(),
+                      retry_errors=retry_errors)
     print("\n".join(summary_lines(spec, results)), flush=True)
     return 0

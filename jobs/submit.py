@@ -137,20 +137,22 @@ def latest(client, job_id: str) -> tuple[int, object]:
     return runs[-1]
 
 
-def submit(spec: JobSpec, address: str | None = None, resume: bool = False) -> str:
+def submit(spec: JobSpec, address: str | None = None, resume: bool = False, retry_errors: bool = False) -> str:
     """Submit a validated spec once -> the submission id. Raises AlreadySubmitted when the job was submitted
-    before, unless `resume` and its latest attempt ended unsuccessfully."""
+    before, unless `resume` and its latest attempt ended unsuccessfully, or `retry_errors` and it ended (the new
+    attempt runs again the ids committed only as error rows)."""
     client = connect(address)
     runs = attempts(client, spec.job_id)
     if runs:
-        check_resumable(spec.job_id, *runs[-1], resume)
+        check_resumable(spec.job_id, *runs[-1], resume, retry_errors)
     number = runs[-1][0] + 1 if runs else 1
     submission_id = attempt_id(spec.job_id, number)
     with tempfile.TemporaryDirectory(prefix="flashu-submit-") as folder:
         with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as f:
             json.dump(spec.model_dump(mode="json", exclude_unset=True), f, indent=1)
         try:
-            client.submit_job(entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env={"working_dir": folder},
+            entrypoint = ENTRYPOINT + (" --retry-errors" if retry_errors else "")
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"working_dir": folder},
                               metadata={"flashu_job_id": spec.job_id, "flashu_attempt": str(number)})
         except RuntimeError as e:
             if "already exists" in str(e):  # another submit of this job got there first (the server decides)
@@ -160,16 +162,18 @@ def submit(spec: JobSpec, address: str | None = None, resume: bool = False) -> s
     return submission_id
 
 
-def check_resumable(job_id: str, number: int, info, resume: bool) -> None:
-    """Raise AlreadySubmitted unless `resume` and the latest attempt ended without success."""
+def check_resumable(job_id: str, number: int, info, resume: bool, retry_errors: bool = False) -> None:
+    """Raise AlreadySubmitted unless `resume` and the latest attempt ended without success, or `retry_errors` and
+    it ended."""
     now = state(info)
-    if resume and now in UNSUCCESSFUL:
+    if (resume and now in UNSUCCESSFUL) or (retry_errors and now in FINISHED):
         return
     what = f"job {job_id!r} was already submitted (latest attempt {number}, {info.submission_id!r}, is {now})"
     if now not in FINISHED:
         hint = f"it is still going: watch it with `flashu-batch logs {job_id} --follow`"
     elif now == "SUCCEEDED":
-        hint = "it finished, so its output is complete; to run the spec again from scratch, give it a new job_id"
+        hint = ("it finished, so its output is complete; to run its error rows again, submit with --retry-errors; "
+                "to run the spec again from scratch, give it a new job_id")
     else:
         hint = "to resume it (committed rows are kept and skipped), submit again with --resume"
     raise AlreadySubmitted(f"{what}; {hint}.")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from jobs.ids import HASH, find, first_occurrences, hash_ids
-from jobs.output import TaskOutput, task_root
+from jobs.output import TaskOutput, failed_mask, task_root
 from jobs.spec import JobSpec
 from jobs.storage import Storage
 from scheduler.pipeline import (READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, explain_worker_deaths,
@@ -125,10 +125,11 @@ def check_resources(spec: JobSpec, local: bool) -> None:
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, on_progress=None,
-            worker_classes: dict | None = None) -> dict:
+            worker_classes: dict | None = None, retry_errors: bool = False) -> dict:
     """Run every task of the spec (resuming a job with this job_id) -> {task name: summary}. on_progress(Progress)
     is called on every committed file and at the end of each task. worker_classes ({"t2i": cls}) replaces a
-    task kind's worker class (tests inject failures with it)."""
+    task kind's worker class (tests inject failures with it). retry_errors: the ids that earlier runs committed
+    only as error rows run again, and a row that succeeds replaces the error row."""
     import ray
     from ray.data import DataContext
 
@@ -142,14 +143,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, o
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         check_resources(spec, local=started)
         storage = Storage(spec.storage)
-        return {task.task_name: run_task(spec, task, storage, on_progress, (worker_classes or {}).get(task.kind))
+        return {task.task_name: run_task(spec, task, storage, on_progress, (worker_classes or {}).get(task.kind),
+                                         retry_errors)
                 for task in spec.tasks}
     finally:
         if started:
             ray.shutdown()
 
 
-def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls=None) -> dict:
+def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls=None,
+             retry_errors: bool = False) -> dict:
     import ray
 
     name, run_id = task.task_name, uuid.uuid4().hex[:12]
@@ -160,7 +163,12 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
     # 1. Every input id once (the pre-pass), what earlier runs committed, and what is left
     units = plan_reads(storage, task.input)
     ids = scan_ids(units, task, storage)
-    done = committed_mask(output, ids.hashes)
+    if retry_errors:  # ids whose committed rows are all error rows run again
+        committed, done = committed_masks(output, ids.hashes)
+        retried_errors = int((committed & ~done).sum())
+        del committed
+    else:
+        done, retried_errors = committed_mask(output, ids.hashes), 0
     skipped = int(done.sum())
     progress = Progress(name, 0, len(done) - skipped, 0, skipped, 0.0, repeated=len(ids.repeats))
     repeated_ids = repeats_report(ids, units, task, storage)
@@ -191,7 +199,7 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
     seconds = round(progress.elapsed_s, 3)
     metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=int(ids.unit_starts[-1]),
                    repeated_ids=repeated_ids, rows_this_run=progress.done, errors_this_run=progress.errors,
-                   skipped=progress.skipped, seconds=seconds,
+                   skipped=progress.skipped, retried_errors=retried_errors, seconds=seconds,
                    rows_per_s=round(progress.done / seconds, 4) if seconds else 0.0, run_id=run_id)
     summary = output.finalize(spec.job_id, name, task.kind, metrics)
     lacking = np.flatnonzero(~committed_mask(output, ids.hashes))
@@ -246,11 +254,21 @@ def index_ids(per_unit: list[np.ndarray]) -> InputIds:
 def committed_mask(output: TaskOutput, hashes: np.ndarray) -> np.ndarray:
     """(u,) bool: which of the ids `hashes` (sorted) have a commit record, streamed record by record (commit records
     of ids not in the input are ignored)."""
-    done = np.zeros(len(hashes), bool)
+    return committed_masks(output, hashes, succeeded_too=False)[0]
+
+
+def committed_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool = True):
+    """(committed, succeeded): (u,) bool each over the ids `hashes` (sorted): which have a committed row, and which
+    a committed row that is not an error row (None unless succeeded_too), in one pass over the commit records."""
+    committed = np.zeros(len(hashes), bool)
+    succeeded = np.zeros(len(hashes), bool) if succeeded_too else None
     for record in output.iter_commits():
         found, index = find(hashes, hash_ids(record["ids"]))
-        done[index[found]] = True
-    return done
+        committed[index[found]] = True
+        if succeeded_too:
+            failed = failed_mask(record["ids"], output.error_ids(record))
+            succeeded[index[found & ~failed]] = True
+    return committed, succeeded
 
 
 def read_back(units: list[dict], unit_starts: np.ndarray, positions, task, storage: Storage) -> list[dict]:

@@ -112,3 +112,40 @@ def test_read_output_with_a_limit_reads_only_the_first_files(output):
     assert limited.num_rows == 3 and limited.schema == VQA_SCHEMA
     with pytest.raises(FileNotFoundError):
         read_output(output.storage, output.root)
+
+
+def answers(output) -> dict:
+    return {r["id"]: (r["answer"], r["error"]) for r in read_output(output.storage, output.root).to_pylist()}
+
+
+@pytest.mark.parametrize("old_records", [False, True], ids=["error-ids", "records-without-error-ids"])
+def test_a_row_that_succeeded_wins_over_an_error_row_of_the_same_id(output, old_records):
+    big = output.write_and_commit(rows(["a", "b", "c"], error_ids={"b", "c"}))  # larger: claims first, as it stands
+    output.write_and_commit(rows(["b"]))  # a retry of b that succeeded
+    output.write_and_commit(rows(["c"], error_ids={"c"}))  # a retry of c that failed again
+    if old_records:  # commit records from before "error_ids": the error rows are found in the data files
+        for f in output.storage.list(join(output.root, "_commits")):
+            record = json.loads(output.storage.read_bytes(f["uri"]))
+            output.storage.write_bytes(f["uri"], json.dumps({k: v for k, v in record.items()
+                                                             if k != "error_ids"}).encode())
+    else:
+        assert [r["error_ids"] for r in output.commits() if r["file"] == big["file"]] == [["b", "c"]]
+    # while the job runs (no manifest yet), readers already prefer the row that succeeded
+    assert answers(output) == {"a": ("aa", None), "b": ("ab", None), "c": (None, "bad")}
+    summary = output.finalize("job", "vqa", "vqa", {})
+    assert summary["rows"] == 3 and summary["errors"] == 1
+    assert answers(output) == {"a": ("aa", None), "b": ("ab", None), "c": (None, "bad")}
+    assert big["file"] not in {f["file"] for f in summary["files"]}  # rewritten without b
+    assert sorted(i for r in output.commits() for i in r["ids"]) == ["a", "b", "c"]  # one record per id left
+    assert [i for r in output.commits() for i in output.error_ids(r)] == ["c"]
+
+
+def test_a_later_run_commits_the_same_ids_and_a_retried_write_in_one_run_still_cannot(output):
+    assert output.write_and_commit(rows(["x", "y"], error_ids={"x", "y"}), run_id="run1")["committed"]
+    assert not output.write_and_commit(rows(["y", "x"], error_ids={"x"}), run_id="run1")["committed"]  # a retry
+    assert output.write_and_commit(rows(["x", "y"]), run_id="run2")["committed"]  # --retry-errors did them again
+    assert not output.write_and_commit(rows(["x", "y"]), run_id="run2")["committed"]  # and retried that write
+    assert len(data_files(output)) == 2
+    assert answers(output) == {"x": ("ax", None), "y": ("ay", None)}
+    summary = output.finalize("job", "vqa", "vqa", {})
+    assert summary["rows"] == 2 and summary["errors"] == 0 and len(data_files(output)) == 1

@@ -194,7 +194,13 @@ def test_submit_refuses_a_second_submission_resumes_a_failed_job_and_reports(ray
     rc, logs, _ = cli(capsys, "logs", "cluster-job")
     assert rc == 0 and "t2i: 3/3 rows" in logs
     rc, _, err = cli(capsys, *submit, "--resume")
-    assert rc == 3 and "it finished" in err
+    assert rc == 3 and "it finished" in err and "--retry-errors" in err
+
+    rc, out, _ = cli(capsys, *submit, "--retry-errors")  # the finished job's error rows, once more
+    assert rc == 0 and "as cluster-job-attempt-3;" in out
+    rc, logs, err = cli(capsys, "logs", "cluster-job", "--follow")
+    assert rc == 0 and "job cluster-job: SUCCEEDED" in err, logs
+    assert "1 error rows retried" in logs and "2 done before" in logs, logs
 
     table = read_output(Storage(), str(tmp_path / "out" / "cluster-job" / "t2i"))
     ids = table.column("id").to_pylist()

@@ -222,3 +222,45 @@ def test_a_bad_spec_fails_before_ray_starts(tmp_path):
     assert result.returncode == 2
     assert "tasks[0].resources.workers: Input should be greater than or equal to 1 (got 0)" in result.stderr
     assert "ray not imported" in result.stdout
+
+
+def test_retry_errors_runs_the_error_rows_again_and_a_success_replaces_each(ray_session, checkpoint, tmp_path):
+    """A model that failed on some rows (as a timeout or a passing device error would): a plain re-run keeps their
+    error rows (final), --retry-errors runs them again, and each one that succeeds replaces its error row; a row
+    that fails again (here: an empty prompt) stays one error row."""
+    from workers import T2IWorker
+
+    class FlakyT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
+        def text_to_image(self, prompts, seeds):
+            if any(p.endswith((" 3", " 7")) for p in prompts):
+                raise RuntimeError("injected: the device failed")  # a builtin: this module is not importable there
+            return super().text_to_image(prompts, seeds)
+
+    storage, base = Storage(), str(tmp_path)
+    inputs = many_prompts(storage, base)
+    storage.write_bytes(inputs["t2i"], storage.read_bytes(inputs["t2i"]) + b'{"id": "empty", "prompt": ""}\n')
+    spec = job("retry", checkpoint, inputs, join(base, "out"), tasks=("t2i",))
+    root = join(base, "out", "retry", "t2i")
+
+    def errors() -> dict:
+        return {r["id"]: r["error"] for r in read_output(storage, root).to_pylist() if r["error"] is not None}
+
+    first = run_job(spec, worker_classes={"t2i": FlakyT2IWorker})
+    failed = errors()
+    assert len(failed) == 3 and failed["empty"] == "prompt is empty"
+    assert sum("injected: the device failed" in e for e in failed.values()) == 2
+    assert first["t2i"]["errors"] == 3
+
+    again = run_job(spec)  # a plain re-run: error rows are final
+    assert again["t2i"]["metrics"]["rows_this_run"] == 0 and errors() == failed
+
+    retried = run_job(spec, retry_errors=True)
+    m = retried["t2i"]["metrics"]
+    assert m["retried_errors"] == 3 and m["rows_this_run"] == 3 and m["skipped"] == 10
+    assert errors() == {"empty": "prompt is empty"}
+    assert retried["t2i"]["rows"] == 13 and retried["t2i"]["errors"] == 1
+    rows = read_output(storage, root).to_pylist()
+    assert len(rows) == len({r["id"] for r in rows}) == 13  # each id once: the replaced error rows are gone
+    listed = sorted(f["file"] for f in json.loads(storage.read_bytes(join(root, "_SUCCESS")))["files"])
+    assert listed == sorted(u.split(root.rstrip("/") + "/")[-1] for u in data_objects(storage, root))
+    assert any("error rows retried" in line for line in summary_lines(spec, retried))
