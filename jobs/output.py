@@ -108,9 +108,9 @@ class TaskOutput:
         errors = len(error_ids)
         record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, error_ids=error_ids,
                       run_id=run_id, created_unix=time.time())
-        payload = json.dumps(record).encode()
-        committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids)}.json"), payload)
-        if not committed and self.record_run_id(ids_key(ids)) != run_id:
+        payload, key = json.dumps(record).encode(), ids_key(ids)
+        committed = self.storage.create(join(self.root, "_commits", f"{key}.json"), payload)
+        if not committed and self.record_run_id(key) != run_id:
             committed = self.storage.create(join(self.root, "_commits", f"{ids_key(ids, run_id)}.json"), payload)
         if not committed:
             self.storage.delete(join(self.root, rel))

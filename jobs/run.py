@@ -30,7 +30,7 @@ def summary_lines(spec: JobSpec, results: dict) -> list[str]:
         lines.append(f"  {name}: {r['rows']} rows ({r['errors']} errors) in {len(r['files'])} files -> {r['output']}; "
                      f"this run {m['rows_this_run']} rows in {m['seconds']:.1f}s ({m['rows_per_s']:.2f} rows/s), "
                      f"{m['skipped']} done before" + (f", {m['retried_errors']} error rows retried"
-                                                      if m.get("retried_errors") else ""))
+                                                      if m["retried_errors"] else ""))
         repeated = m["repeated_ids"]
         if repeated["rows"]:
             first = repeated["examples"][0]

@@ -175,13 +175,9 @@ class Storage:
                 if max_bytes is not None and response["ContentLength"] > max_bytes:
                     raise ObjectTooLarge(uri, response["ContentLength"], max_bytes)
                 return body.read()
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
-            if is_transient(e):
-                raise StorageUnavailable(uri, e) from e
-            raise
         except Exception as e:
+            if isinstance(e, ClientError) and e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
             if is_transient(e):
                 raise StorageUnavailable(uri, e) from e
             raise
