@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from flashu.config import FlashUGenerationConfig
-from flashu.generation import calibrate_generation, specialize_generation
-from showo2.config import FlowHeadConfig, Showo2Config
-from showo2.layouts import t2i_sequences, vqa_sequence
-from showo2.modeling import Showo2
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import full_sequence_velocity_fn, generate_latents
-from showo2.tokenizer import SpecialTokens
-from showo2.vqa import greedy_answer_recompute, greedy_answers
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.generation import calibrate_generation, specialize_generation
+from flashu_batch.showo2.config import FlowHeadConfig, Showo2Config
+from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import full_sequence_velocity_fn, generate_latents
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.vqa import greedy_answer_recompute, greedy_answers
 
 
 def small_config() -> Showo2Config:

@@ -21,12 +21,13 @@ import tempfile
 
 import torch
 
-from flashu.config import FlashUGenerationConfig
-from flashu.generation import GenerationSpecialist, calibrate_generation, pruned_widths, specialize_generation
-from showo2.layouts import t2i_sequences
-from showo2.pipeline import Showo2Pipeline
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.calibrate import specialize_t2i
+from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
+from flashu_batch.showo2.layouts import t2i_sequences
+from flashu_batch.showo2.pipeline import Showo2Pipeline
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
 
 BASE_GUIDANCE = 10.0
 OFF = dict(guidance_schedule=None, ffn_prune_ratio=0.0, layer_skip_ratio=0.0, head_cache_interval=None)
@@ -44,7 +45,7 @@ DEFAULT_PROMPTS = ["a red circle on the left", "a blue square at the top", "a gr
 
 def load(checkpoint: str | None) -> tuple[str, Showo2Pipeline]:
     if checkpoint is None:
-        from showo2.tiny import build_tiny_checkpoint
+        from flashu_batch.showo2.tiny import build_tiny_checkpoint
 
         checkpoint = build_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"))
     return checkpoint, Showo2Pipeline.from_pretrained(checkpoint)
@@ -65,10 +66,10 @@ VQA_ABLATIONS = {
 
 def vqa_ablations(model, rows, latents, pad_id: int, answer_tokens: int) -> dict:
     """Per VQA technique: agreement with the baseline's greedy tokens and the first answer token's KL."""
-    from flashu.config import FlashUUnderstandingConfig
-    from flashu.ffn_prune import importance_order, reorder_ffn_
-    from flashu.understanding import UnderstandingSpecialist, calibrate_understanding, understanding_widths
-    from showo2.vqa import greedy_answers
+    from flashu_batch.flashu.config import FlashUUnderstandingConfig
+    from flashu_batch.flashu.ffn_prune import importance_order, reorder_ffn_
+    from flashu_batch.flashu.understanding import UnderstandingSpecialist, calibrate_understanding, understanding_widths
+    from flashu_batch.showo2.vqa import greedy_answers
 
     reorder_ffn_(model, importance_order(calibrate_understanding(model, rows, latents, pad_id)))  # exact
     kwargs = dict(max_new_tokens=answer_tokens, eos_id=-1, pad_id=pad_id, return_logits=True)
@@ -89,11 +90,11 @@ def vqa_ablations(model, rows, latents, pad_id: int, answer_tokens: int) -> dict
 
 def run_vqa(checkpoint: str | None, num_samples: int, answer_tokens: int = 16) -> dict:
     """A checkpoint with tokenizer and VAE: its own generations of the built-in prompts, built-in questions."""
-    from flashu.config import FlashUUnderstandingConfig
-    from jobs.specialize import vqa_calibration_set
+    from flashu_batch.flashu.calibrate import vqa_calibration_set
+    from flashu_batch.flashu.config import FlashUUnderstandingConfig
 
     checkpoint, pipe = load(checkpoint)
-    rows, latents = vqa_calibration_set(pipe, FlashUUnderstandingConfig(calibration_samples=num_samples), None)
+    rows, latents = vqa_calibration_set(pipe, FlashUUnderstandingConfig(calibration_samples=num_samples))
     return dict(checkpoint=os.path.basename(os.path.normpath(checkpoint)), samples=len(rows),
                 answer_tokens=answer_tokens,
                 ablations=vqa_ablations(pipe.model, rows, latents, pipe.tokens.pad, answer_tokens))
@@ -105,9 +106,9 @@ def run_vqa_golden(golden_dir: str, num_samples: int, answer_tokens: int = 16) -
 
     from safetensors.torch import load_file
 
-    from showo2.layouts import vqa_sequence
-    from showo2.loading import VAE_FILE, load_showo2
-    from showo2.vae import load_vae
+    from flashu_batch.showo2.layouts import vqa_sequence
+    from flashu_batch.showo2.loading import VAE_FILE, load_showo2
+    from flashu_batch.showo2.vae import load_vae
 
     with open(os.path.join(golden_dir, "cases.json")) as f:
         meta = _json.load(f)
@@ -140,8 +141,7 @@ def run(checkpoint: str | None, num_prompts: int) -> dict:
     prompt_ids = pipe.encode_prompts(prompts, c.default_max_seq_len, truncate=True)
     seqs = t2i_sequences(prompt_ids, pipe.tokens, c.num_image_slots, c.default_max_seq_len)
     noise = seeded_noise(list(range(len(prompts))), (c.image_latent_dim, *c.latent_size))
-    scores = calibrate_generation(model, prompt_ids, pipe.tokens, FlashUGenerationConfig())
-    specialize_generation(model, scores, FlashUGenerationConfig())  # reorders in place; exact for the baseline
+    specialize_t2i(model, pipe.tokenizer, pipe.tokens, prompts=prompts)  # reorders in place; exact for the baseline
 
     with torch.no_grad():
         base = generate_latents(PrefixCachedVelocity(model, seqs, True), noise, num_inference_steps=50,

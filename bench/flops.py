@@ -16,16 +16,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
-from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
-from flashu.layer_skip import layers_to_skip
-from flashu.generation import GenerationSpecialist, pruned_widths
-from flashu.understanding import UnderstandingSpecialist, understanding_widths
-from showo2.config import Showo2Config
-from showo2.layouts import t2i_sequences, vqa_sequence
-from showo2.modeling import Showo2, additive_mask, omni_attention_mask
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.tokenizer import QWEN2_5
-from showo2.vae import VAEConfig, WanVAE
+from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+from flashu_batch.flashu.layer_skip import layers_to_skip
+from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
+from flashu_batch.flashu.understanding import UnderstandingSpecialist, understanding_widths
+from flashu_batch.showo2.config import Showo2Config
+from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.tokenizer import QWEN2_5
+from flashu_batch.showo2.vae import VAEConfig, WanVAE
 
 MODELS = {"1.5b": "1.5B", "7b": "7B", "tiny": "tiny"}
 META = torch.device("meta")

@@ -18,18 +18,18 @@ import time
 
 import torch
 
-from bench.flops import MODELS, t2i_flops, vqa_flops
-from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
-from flashu.generation import GenerationSpecialist, pruned_widths
-from flashu.understanding import UnderstandingSpecialist, understanding_widths
-from showo2.config import Showo2Config
-from showo2.layouts import t2i_sequences, vqa_sequence
-from showo2.modeling import Showo2
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents, seeded_noise
-from showo2.tokenizer import QWEN2_5, SpecialTokens
-from showo2.vae import VAEConfig, WanVAE
-from showo2.vqa import greedy_answers
+from flashu_batch.bench.flops import MODELS, t2i_flops, vqa_flops
+from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
+from flashu_batch.flashu.understanding import UnderstandingSpecialist, understanding_widths
+from flashu_batch.showo2.config import Showo2Config
+from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.showo2.tokenizer import QWEN2_5, SpecialTokens
+from flashu_batch.showo2.vae import VAEConfig, WanVAE
+from flashu_batch.showo2.vqa import greedy_answers
 
 
 def random_init_(module: torch.nn.Module, device) -> torch.nn.Module:

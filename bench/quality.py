@@ -3,7 +3,7 @@ unaccelerated model and for the FlashU specialists (all techniques, then each al
 
     python -m bench.quality --model tiny-shapes [--n-t2i 100] [--n-vqa 300] [--variants ...] [--json]
 
-Held-out split of `showo2.tiny_world` (scenes with a (color, shape, position) triple never seen in training):
+Held-out split of `train.tiny_world` (scenes with a (color, shape, position) triple never seen in training):
 
 - T2I: one image per held-out caption (seed = its index), scored GenEval-style by `tiny_world.score_t2i`;
   `t2i_correctness` is the overall score (the image holds exactly the requested objects, each with the right
@@ -25,11 +25,11 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from collections import defaultdict
 
-from showo2 import tiny_world as world
+from flashu_batch.showo2.tiny import CHECKPOINTS
+from flashu_batch.train import tiny_world as world
 
 PAPER_BASE_GUIDANCE = 10.0  # the s0 that FlashU's default schedule is written for (design/flashu.md 2.5)
 DEFAULTS = dict(n_t2i=100, n_vqa=300, steps=50, guidance=1.5, layout="demo", t2i_seed=1, vqa_seed=2, batch=50,
@@ -57,15 +57,15 @@ VARIANTS = {
 
 def resolve_model(name: str) -> str:
     """A known model name (e.g. "tiny-shapes") or a checkpoint folder."""
-    if name in world.CHECKPOINTS:
-        return world.CHECKPOINTS[name]
+    if name in CHECKPOINTS:
+        return CHECKPOINTS[name]
     if os.path.isdir(name) or name.startswith("s3://"):
         return name
-    raise SystemExit(f"--model {name!r}: not a known model ({sorted(world.CHECKPOINTS)}) nor a folder.")
+    raise SystemExit(f"--model {name!r}: not a known model ({sorted(CHECKPOINTS)}) nor a folder.")
 
 
 def scaled_schedule(guidance: float) -> tuple[tuple[int, float], ...]:
-    from flashu.config import DEFAULT_GUIDANCE_SCHEDULE
+    from flashu_batch.flashu.config import DEFAULT_GUIDANCE_SCHEDULE
 
     return tuple((n, round(s * guidance / PAPER_BASE_GUIDANCE, 4)) for n, s in DEFAULT_GUIDANCE_SCHEDULE)
 
@@ -88,7 +88,7 @@ class Runner:
     def load(self):
         import torch
 
-        from showo2.pipeline import Showo2Pipeline
+        from flashu_batch.showo2.pipeline import Showo2Pipeline
 
         return Showo2Pipeline.from_pretrained(self.checkpoint, dtype=torch.float32, device="cpu")
 
@@ -106,35 +106,25 @@ class Runner:
 
 
 def specialize_t2i(pipe, overrides: dict, guidance: float, calibration: int):
-    from flashu.config import FlashUGenerationConfig
-    from flashu.generation import calibrate_generation, specialize_generation
+    from flashu_batch.flashu.calibrate import specialize_t2i
+    from flashu_batch.flashu.config import FlashUGenerationConfig
 
     knobs = {**overrides}
     if knobs.get("guidance_schedule", "default") == "default":
         knobs["guidance_schedule"] = scaled_schedule(guidance)
     captions = tuple(s.caption for s in world.sample_scenes("train", calibration, seed=123))
     config = FlashUGenerationConfig(**knobs, calibration_prompts=captions, calibration_guidance=guidance)
-    prompt_ids = pipe.encode_prompts(list(captions), pipe.model.config.default_max_seq_len, truncate=True)
-    scores = calibrate_generation(pipe.model, prompt_ids, pipe.tokens, config)
-    return specialize_generation(pipe.model, scores, config)
+    return specialize_t2i(pipe.model, pipe.tokenizer, pipe.tokens, config)[0]
 
 
 def specialize_vqa(pipe, overrides: dict, calibration: int):
-    from flashu.config import FlashUUnderstandingConfig
-    from flashu.understanding import calibrate_understanding, specialize_understanding
-    from jobs.specialize import vqa_calibration_set
+    from flashu_batch.flashu.calibrate import specialize_vqa
+    from flashu_batch.flashu.config import FlashUUnderstandingConfig
 
-    config = FlashUUnderstandingConfig(**overrides)
-    with tempfile.TemporaryDirectory() as folder:  # training-split scenes, one question each, as a JSONL set
-        rng = random.Random(124)
-        with open(os.path.join(folder, "calibration.jsonl"), "w") as f:
-            for i, scene in enumerate(world.sample_scenes("train", calibration, seed=124)):
-                world.render(scene).save(os.path.join(folder, f"{i}.png"))
-                question, _ = rng.choice(world.questions(scene, rng))
-                f.write(json.dumps({"image": f"{i}.png", "question": question}) + "\n")
-        rows, latents = vqa_calibration_set(pipe, config, os.path.join(folder, "calibration.jsonl"))
-    scores = calibrate_understanding(pipe.model, rows, latents, pipe.tokens.pad)
-    return specialize_understanding(pipe.model, scores, config)
+    rng = random.Random(124)  # training-split scenes, one question each
+    samples = [(world.render(scene), rng.choice(world.questions(scene, rng))[0])
+               for scene in world.sample_scenes("train", calibration, seed=124)]
+    return specialize_vqa(pipe, FlashUUnderstandingConfig(**overrides), samples)[0]
 
 
 def evaluate_t2i(runner, scenes, *, steps: int, guidance: float, batch: int = 50) -> tuple[dict, list]:

@@ -72,8 +72,8 @@ def distinct_ids(rows: int) -> list[str]:
 
 def commit(root: str, ids: list[str]) -> None:
     """Commit records (and data files) for `ids`, through the real write path, as a pipeline would leave them."""
-    from jobs.output import T2I_SCHEMA, TaskOutput
-    from jobs.storage import Storage
+    from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput
+    from flashu_batch.jobs.storage import Storage
 
     output = TaskOutput(Storage(), root)
     for a in range(0, len(ids), ROWS_PER_FILE):
@@ -109,12 +109,12 @@ def driver_run(data: str, fmt: str, out: str, finish: bool) -> dict:
 
     import ray
 
-    from jobs.output import TaskOutput, task_root
-    from jobs.spec import JobSpec
-    from jobs.storage import Storage
-    from scheduler.driver import committed_mask, init_ray, repeats_report, scan_ids
-    from scheduler.pipeline import Skip
-    from scheduler.read import plan_reads
+    from flashu_batch.jobs.output import TaskOutput, task_root
+    from flashu_batch.jobs.spec import JobSpec
+    from flashu_batch.jobs.storage import Storage
+    from flashu_batch.scheduler.driver import committed_mask, init_ray, repeats_report, scan_ids
+    from flashu_batch.scheduler.pipeline import Skip
+    from flashu_batch.scheduler.read import plan_reads
 
     spec = JobSpec.model_validate(dict(
         job_id="scale", model=dict(checkpoint="unused", device="cpu"),

@@ -18,8 +18,8 @@ import time
 
 from PIL import Image
 
-from workers.common import read_columns, to_batch
-from workers.t2i import T2IWorker
+from flashu_batch.workers.common import read_columns, to_batch
+from flashu_batch.workers.t2i import T2IWorker
 
 PNG_1x1 = io.BytesIO()
 Image.new("RGB", (1, 1)).save(PNG_1x1, format="PNG")
@@ -47,8 +47,8 @@ class NoOpT2IWorker(T2IWorker):
 
 
 def run(rows: int, workers: int, batch_size: int, work_ms: float) -> dict:
-    from jobs.spec import JobSpec
-    from scheduler.driver import run_job
+    from flashu_batch.jobs.spec import JobSpec
+    from flashu_batch.scheduler.driver import run_job
 
     work = tempfile.mkdtemp(prefix="flashu-bench-")
     os.environ["FLASHU_BENCH_LOG"] = os.path.join(work, "log")

@@ -14,12 +14,12 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
-from flashu.ffn_prune import reorder_ffn_
-from flashu.generation import GenerationSpecialist, pruned_widths
-from flashu.understanding import UnderstandingSpecialist, understanding_widths
-from showo2.checkpoint import CheckpointError
-from showo2.loading import load_showo2, local_folder, weight_files
+from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
+from flashu_batch.flashu.ffn_prune import reorder_ffn_
+from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
+from flashu_batch.flashu.understanding import UnderstandingSpecialist, understanding_widths
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.loading import load_showo2, local_folder, weight_files
 
 FORMAT = "flashu-specialization/1"
 _CONFIG_FILES = ("config.json", "llm/config.json", "siglip/config.json")

@@ -9,7 +9,7 @@ matrix, so the hybrid schedule switches between them for free.
 import torch
 import torch.nn.functional as F
 
-from showo2.modeling import Showo2
+from flashu_batch.showo2.modeling import Showo2
 
 
 def kept_width(intermediate_size: int, ratio: float, multiple: int) -> int:

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from flashu.config import FlashUGenerationConfig
-from flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
-from flashu.layer_skip import layer_importance, layers_to_skip
-from flashu.plan import CallPlan, generation_plan
-from flashu.wanda import record_ffn_inputs, wanda_scores
-from showo2.layouts import Sequences, t2i_sequences
-from showo2.modeling import Showo2
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
+from flashu_batch.flashu.layer_skip import layer_importance, layers_to_skip
+from flashu_batch.flashu.plan import CallPlan, generation_plan
+from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
+from flashu_batch.showo2.layouts import Sequences, t2i_sequences
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
 
 # Built-in calibration prompts: varied subjects, counts, colours, layouts and styles, as in T2I benchmarks.
 CALIBRATION_PROMPTS = (

@@ -13,7 +13,7 @@ Rules (design/flashu.md 2.2-2.7; k is the 1-based model call, K the number of ca
 from dataclasses import dataclass
 from typing import Literal
 
-from flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.config import FlashUGenerationConfig
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from flashu.ffn_prune import kept_width
+from flashu_batch.flashu.ffn_prune import kept_width
 
 
 def top_k_overlap(gen_scores, und_scores, ratio: float, multiple: int) -> list[dict]:

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from flashu.config import FlashUUnderstandingConfig
-from flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
-from flashu.layer_skip import layers_to_skip
-from flashu.wanda import record_ffn_inputs, wanda_scores
-from showo2.layouts import Sequences
-from showo2.modeling import Showo2, additive_mask
-from showo2.vqa import batch_prompts, greedy_answers, prompt_embeddings
+from flashu_batch.flashu.config import FlashUUnderstandingConfig
+from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
+from flashu_batch.flashu.layer_skip import layers_to_skip
+from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
+from flashu_batch.showo2.layouts import Sequences
+from flashu_batch.showo2.modeling import Showo2, additive_mask
+from flashu_batch.showo2.vqa import batch_prompts, greedy_answers, prompt_embeddings
 
 
 def value_norms(layer, h: torch.Tensor) -> torch.Tensor:

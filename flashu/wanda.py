@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from showo2.modeling import Showo2
+from flashu_batch.showo2.modeling import Showo2
 
 
 @contextmanager

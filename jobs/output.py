@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.ids import HASH, first_occurrences, hash_ids
-from jobs.storage import Storage, join
+from flashu_batch.jobs.ids import HASH, first_occurrences, hash_ids
+from flashu_batch.jobs.storage import Storage, join
 
 FORMAT = "flashu-batch-output/1"
 ORPHAN_GRACE_S = 3600.0  # uncommitted data files younger than this may belong to a write still in flight

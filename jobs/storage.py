@@ -17,7 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-from jobs.spec import StorageSpec
+from flashu_batch.jobs.spec import StorageSpec
 
 # Error codes of servers that do not implement conditional writes (as opposed to "the object exists": 412).
 _NO_CONDITIONAL_PUT = {"NotImplemented", "InvalidArgument", "InvalidRequest", "501"}

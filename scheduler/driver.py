@@ -27,13 +27,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from jobs.ids import HASH, find, first_occurrences, hash_ids
-from jobs.output import TaskOutput, failed_mask, task_root
-from jobs.spec import JobSpec
-from jobs.storage import Storage
-from scheduler.pipeline import (READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, explain_worker_deaths,
+from flashu_batch.jobs.ids import HASH, find, first_occurrences, hash_ids
+from flashu_batch.jobs.output import TaskOutput, failed_mask, task_root
+from flashu_batch.jobs.spec import JobSpec
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.scheduler.pipeline import (READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, explain_worker_deaths,
                                 read_id_hashes)
-from scheduler.read import plan_reads, unit_rows
+from flashu_batch.scheduler.read import plan_reads, unit_rows
 
 REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.ids import find, hash_ids
-from jobs.output import SCHEMAS, TaskOutput
-from jobs.spec import InputSpec, JobSpec, T2ITask, VQATask
-from jobs.storage import Storage, StorageUnavailable
-from scheduler.read import read_units
-from scheduler.validate import validate_t2i, validate_vqa
+from flashu_batch.jobs.ids import find, hash_ids
+from flashu_batch.jobs.output import SCHEMAS, TaskOutput
+from flashu_batch.jobs.spec import InputSpec, JobSpec, T2ITask, VQATask
+from flashu_batch.jobs.storage import Storage, StorageUnavailable
+from flashu_batch.scheduler.read import read_units
+from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
 
 SUMMARY_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
                             ("committed", pa.bool_())])
@@ -171,7 +171,7 @@ def _common_tail(ds, spec: JobSpec, task, worker_cls, root: str, storage: Storag
 def build_t2i_pipeline(spec: JobSpec, task: T2ITask, *, units: list[dict], root: str, storage: Storage,
                        skip=None, run_id: str = "", worker_cls=None):
     """The t2i task's Dataset of commit summaries (lazy: nothing runs until the driver iterates it)."""
-    from workers import T2IWorker
+    from flashu_batch.workers import T2IWorker
 
     ds = read_rows(units, "t2i", task.input, storage, skip)
     ds = ds.map_batches(validate_t2i, batch_format="pyarrow", **CPU_STAGE)
@@ -181,7 +181,7 @@ def build_t2i_pipeline(spec: JobSpec, task: T2ITask, *, units: list[dict], root:
 def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root: str, storage: Storage,
                        skip=None, run_id: str = "", worker_cls=None):
     """The vqa task's Dataset of commit summaries; images are fetched and decoded in the CPU stage."""
-    from workers import VQAWorker
+    from flashu_batch.workers import VQAWorker
 
     ds = read_rows(units, "vqa", task.input, storage, skip)
     ds = ds.map_batches(validate_vqa, batch_format="pyarrow", **CPU_STAGE,

@@ -20,8 +20,8 @@ import os
 
 import pyarrow as pa
 
-from jobs.spec import T2I_COLUMNS, VQA_COLUMNS, InputSpec
-from jobs.storage import Storage, is_s3, join
+from flashu_batch.jobs.spec import T2I_COLUMNS, VQA_COLUMNS, InputSpec
+from flashu_batch.jobs.storage import Storage, is_s3, join
 
 EXTENSIONS = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv",)}
 COLUMNS = {"t2i": tuple(T2I_COLUMNS), "vqa": tuple(VQA_COLUMNS)}

@@ -8,10 +8,10 @@ import hashlib
 
 import pyarrow as pa
 
-from jobs.spec import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from jobs.storage import ObjectTooLarge, Storage, StorageUnavailable
-from scheduler.read import ROW_SCHEMAS
-from workers.images import ImageError, decode_image
+from flashu_batch.jobs.spec import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from flashu_batch.jobs.storage import ObjectTooLarge, Storage, StorageUnavailable
+from flashu_batch.scheduler.read import ROW_SCHEMAS
+from flashu_batch.workers.images import ImageError, decode_image
 
 
 def validate_t2i(batch: pa.Table) -> pa.Table:

@@ -1,4 +1,5 @@
-"""Loading an official-layout Show-o2 checkpoint folder (local, or `s3://` fetched once into a cache).
+"""Loading an official-layout Show-o2 checkpoint folder (a local folder; `s3://` prefixes are fetched into a local
+cache by flashu_batch/jobs/fetch.py, outside the model package).
 
 Folder layout (showlab/show-o2-*): `config.json` (Show-o2 `__init__` arguments) and the weights in one of
 `model.safetensors`, `pytorch_model.safetensors` (the official code's own name), `pytorch_model.bin`, or a sharded
@@ -12,9 +13,9 @@ import os
 
 import torch
 
-from showo2.checkpoint import CheckpointError, load_strict, read_sharded_state_dict, read_state_dict
-from showo2.config import Showo2Config
-from showo2.modeling import Showo2
+from flashu_batch.showo2.checkpoint import CheckpointError, load_strict, read_sharded_state_dict, read_state_dict
+from flashu_batch.showo2.config import Showo2Config
+from flashu_batch.showo2.modeling import Showo2
 
 # Checked in this order; the first one present is used.
 WEIGHT_FILES = (
@@ -29,11 +30,10 @@ VAE_FILE = "Wan2.1_VAE.pth"
 
 
 def local_folder(path: str) -> str:
-    """A local folder for `path`: itself, or the cache copy of an `s3://` prefix."""
-    if path.startswith("s3://"):
-        from showo2.remote import fetch_prefix
-
-        return fetch_prefix(path)
+    """`path` itself, once it is known to be a folder."""
+    if "://" in path:
+        raise CheckpointError(f"Checkpoint {path!r} is not a local folder; fetch it first "
+                              f"(flashu_batch.jobs.fetch.model_folder takes s3:// prefixes).")
     if not os.path.isdir(path):
         raise CheckpointError(f"Checkpoint folder {path!r} does not exist.")
     return path
@@ -66,7 +66,7 @@ def read_model_weights(folder: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_showo2(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Showo2:
-    """Build Show-o2 from a checkpoint folder (or s3:// prefix) and load its weights strictly, in eval mode."""
+    """Build Show-o2 from a local checkpoint folder and load its weights strictly, in eval mode."""
     folder = local_folder(path)
     try:
         config = Showo2Config.from_pretrained(folder)

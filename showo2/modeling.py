@@ -18,7 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
-from showo2.config import FlowHeadConfig, Showo2Config
+from flashu_batch.showo2.config import FlowHeadConfig, Showo2Config
 
 
 class RMSNorm(nn.Module):

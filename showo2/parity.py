@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from showo2.layouts import Sequences, t2i_sequences, vqa_sequence
-from showo2.loading import VAE_FILE, load_showo2
-from showo2.modeling import omni_attention_mask
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents
-from showo2.tokenizer import SpecialTokens
-from showo2.vae import load_vae
-from showo2.vqa import greedy_answers, prompt_logits
+from flashu_batch.showo2.layouts import Sequences, t2i_sequences, vqa_sequence
+from flashu_batch.showo2.loading import VAE_FILE, load_showo2
+from flashu_batch.showo2.modeling import omni_attention_mask
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.vae import load_vae
+from flashu_batch.showo2.vqa import greedy_answers, prompt_logits
 
 
 @dataclass

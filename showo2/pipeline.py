@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from showo2.checkpoint import CheckpointError
-from showo2.layouts import VQALayout, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence
-from showo2.loading import VAE_FILE, load_showo2, local_folder
-from showo2.modeling import Showo2
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents, seeded_noise
-from showo2.tokenizer import SpecialTokens, load_tokenizer
-from showo2.vae import WanVAE, load_vae
-from showo2.vqa import greedy_answers
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.layouts import VQALayout, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence
+from flashu_batch.showo2.loading import VAE_FILE, load_showo2, local_folder
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.showo2.tokenizer import SpecialTokens, load_tokenizer
+from flashu_batch.showo2.vae import WanVAE, load_vae
+from flashu_batch.showo2.vqa import greedy_answers
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Showo2Pipeline:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                         vae_path: str | None = None, tokenizer_path: str | None = None) -> "Showo2Pipeline":
-        """Load from a checkpoint folder or s3:// prefix (official layout; see showo2/loading.py).
+        """Load from a local checkpoint folder (official layout; see showo2/loading.py).
 
         The VAE defaults to `<path>/Wan2.1_VAE.pth` and the tokenizer to the folder itself (or `<path>/tokenizer`);
         official releases ship neither, so point vae_path / tokenizer_path at the Wan2.1 VAE file and a local

@@ -15,8 +15,8 @@ Shape legend: R rows (2B with CFG), B images, P padded prefix length, S span slo
 
 import torch
 
-from showo2.layouts import Sequences
-from showo2.modeling import Showo2, additive_mask
+from flashu_batch.showo2.layouts import Sequences
+from flashu_batch.showo2.modeling import Showo2, additive_mask
 
 
 def find_multiple(n: int, k: int) -> int:

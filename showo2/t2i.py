@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from showo2.layouts import Sequences
-from showo2.modeling import Showo2, additive_mask, omni_attention_mask
-from showo2.sampler import FlowEulerSampler
+from flashu_batch.showo2.layouts import Sequences
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.sampler import FlowEulerSampler
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 

@@ -11,11 +11,14 @@ import os
 
 import torch
 
-from showo2.config import Showo2Config
-from showo2.loading import VAE_FILE, save_showo2
-from showo2.modeling import Showo2
-from showo2.tokenizer import build_tokenizer
-from showo2.vae import VAEConfig, WanVAE
+from flashu_batch.showo2.config import Showo2Config
+from flashu_batch.showo2.loading import VAE_FILE, save_showo2
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.tokenizer import build_tokenizer
+from flashu_batch.showo2.vae import VAEConfig, WanVAE
+
+# Trained checkpoints shipped with the package (showo2/checkpoints/; the training script is train/tiny_shapes.py).
+CHECKPOINTS = {"tiny-shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-shapes")}
 
 # The tiny vocabulary: enough words for the demo prompts and questions to be single tokens.
 TINY_WORDS = """a an the of in on at and with to is are what which how many color shape there this picture image

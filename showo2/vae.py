@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from showo2.checkpoint import load_strict, read_state_dict
+from flashu_batch.showo2.checkpoint import load_strict, read_state_dict
 
 # The official latent normalisation constants (WanVAE in wan21_vae.py); per latent channel.
 _WAN21_LATENTS_MEAN = (

@@ -9,8 +9,8 @@ attend to every earlier key and change no earlier row), batched here over prompt
 import torch
 from transformers import DynamicCache
 
-from showo2.layouts import Sequences
-from showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.layouts import Sequences
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
 
 UNDERSTANDING_TIME = 1.0  # images are clean data for understanding: the time token is t = 1
 

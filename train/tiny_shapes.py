@@ -1,5 +1,5 @@
 """Train the tiny-shapes Show-o2 (the embedded default model) from scratch on the synthetic world of
-`showo2.tiny_world`, on the CPU, reproducibly from a seed.
+`train.tiny_world`, on the CPU, reproducibly from a seed.
 
     python -m train.tiny_shapes --out showo2/checkpoints/tiny-shapes --seed 1
 
@@ -65,16 +65,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from showo2 import tiny_world as world
-from showo2.config import FlowHeadConfig, Showo2Config
-from showo2.layouts import (VQA_ASSISTANT_TEXT, VQA_USER_TEXT, Sequences, t2i_sequences, vqa_prompt_ids,
+from flashu_batch.train import tiny_world as world
+from flashu_batch.showo2.config import FlowHeadConfig, Showo2Config
+from flashu_batch.showo2.layouts import (VQA_ASSISTANT_TEXT, VQA_USER_TEXT, Sequences, t2i_sequences, vqa_prompt_ids,
                             vqa_sequence)
-from showo2.checkpoint import CheckpointError
-from showo2.loading import VAE_FILE, load_showo2, local_folder, save_showo2
-from showo2.modeling import Showo2, additive_mask, omni_attention_mask
-from showo2.tokenizer import SpecialTokens, build_tokenizer
-from showo2.vae import VAEConfig, WanVAE
-from showo2.vqa import prompt_embeddings
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.loading import VAE_FILE, load_showo2, local_folder, save_showo2
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.tokenizer import SpecialTokens, build_tokenizer
+from flashu_batch.showo2.vae import VAEConfig, WanVAE
+from flashu_batch.showo2.vqa import prompt_embeddings
 
 Z_DIM = 8
 CAPTION_QUESTION = "describe the image."

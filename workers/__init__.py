@@ -4,7 +4,7 @@ into a batch of result rows, one out for each in, errors as values (see workers/
 Importing this package imports neither torch nor showo2: workers import them in `__init__`, inside the actor.
 """
 
-from workers.t2i import T2IWorker
-from workers.vqa import VQAWorker
+from flashu_batch.workers.t2i import T2IWorker
+from flashu_batch.workers.vqa import VQAWorker
 
 __all__ = ["T2IWorker", "VQAWorker"]

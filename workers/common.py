@@ -12,8 +12,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
-from jobs.spec import ModelSpec
-from jobs.storage import Storage
+from flashu_batch.jobs.spec import ModelSpec
+from flashu_batch.jobs.storage import Storage
 
 SEED_BITS = 63  # seeds are non-negative int64 (Parquet's int64, torch.Generator.manual_seed)
 EXIT_ON_ROW_ENV = "FLASHU_TEST_EXIT_ON_ROW"  # test hook: a row id (see exit_on_row_hook)
@@ -106,7 +106,7 @@ def local_path(uri: str, storage: Storage) -> str:
     """A local folder for a folder path or an s3:// prefix (downloaded once per node into $FLASHU_CACHE)."""
     if not uri.startswith("s3://"):
         return uri
-    from showo2.remote import fetch_prefix
+    from flashu_batch.jobs.fetch import fetch_prefix
 
     return fetch_prefix(uri, s3_client=storage.s3_client())
 
@@ -121,11 +121,11 @@ def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
 
     import torch
 
-    from showo2.checkpoint import CheckpointError
-    from showo2.loading import VAE_FILE
-    from showo2.pipeline import Showo2Pipeline
-    from showo2.tokenizer import SpecialTokens, load_tokenizer
-    from showo2.vae import load_vae
+    from flashu_batch.showo2.checkpoint import CheckpointError
+    from flashu_batch.showo2.loading import VAE_FILE
+    from flashu_batch.showo2.pipeline import Showo2Pipeline
+    from flashu_batch.showo2.tokenizer import SpecialTokens, load_tokenizer
+    from flashu_batch.showo2.vae import load_vae
 
     device, dtype = resolve_device(model, gpus), getattr(torch, model.dtype)
     folder = local_path(model.checkpoint, storage)
@@ -135,10 +135,12 @@ def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
                                               tokenizer_path=model.tokenizer_path)
         if artifact is None:
             return pipe, None
-        from jobs.specialize import specialize_pipeline
+        from flashu_batch.flashu.calibrate import specialize_t2i, specialize_vqa
 
-        return pipe, specialize_pipeline(pipe, kind)  # deterministic: every actor gets the same specialist
-    from flashu.artifact import load_generation_specialist, load_understanding_specialist
+        # deterministic: every actor gets the same specialist
+        specialist, _ = specialize_t2i(pipe.model, pipe.tokenizer, pipe.tokens) if kind == "t2i" else specialize_vqa(pipe)
+        return pipe, specialist
+    from flashu_batch.flashu.artifact import load_generation_specialist, load_understanding_specialist
 
     load = load_generation_specialist if kind == "t2i" else load_understanding_specialist
     specialist = load(folder, local_path(artifact, storage), dtype=dtype, device=device)

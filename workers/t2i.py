@@ -3,9 +3,9 @@
 import io
 from functools import partial
 
-from jobs.spec import JobSpec
-from jobs.storage import Storage
-from workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, row_seed,
+from flashu_batch.jobs.spec import JobSpec
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, row_seed,
                             run_rows, settings_json, to_batch)
 
 OFFICIAL_STEPS = 50  # inference_t2i.py's default
@@ -41,7 +41,7 @@ class T2IWorker:
             self.call_kwargs = dict(num_inference_steps=self.params.steps or OFFICIAL_STEPS,
                                     guidance_scale=self.params.guidance_scale)
         self.runner = DeadlineRunner(task.resources.batch_timeout_s)
-        from showo2.layouts import t2i_max_text_len
+        from flashu_batch.showo2.layouts import t2i_max_text_len
 
         config = self.pipe.model.config
         self.max_prompt_tokens = t2i_max_text_len(config.default_max_seq_len, config.num_image_slots)
@@ -102,7 +102,7 @@ class T2IWorker:
             out["error"][i], out["model"][i], out["latency_s"][i] = describe_error(error), self.settings, latency
 
     def text_to_image(self, prompts: list[str], seeds: list[int]):
-        from showo2.prefix_cache import PrefixCachedVelocity
+        from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 
         kwargs = dict(self.call_kwargs)
         inner = kwargs.pop("velocity_factory", None) or partial(PrefixCachedVelocity, self.pipe.model)

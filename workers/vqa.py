@@ -2,11 +2,11 @@
 
 from functools import partial
 
-from jobs.spec import JobSpec
-from jobs.storage import Storage
-from workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, run_rows,
+from flashu_batch.jobs.spec import JobSpec
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, run_rows,
                             settings_json, to_batch)
-from workers.images import ImageError, decode_image
+from flashu_batch.workers.images import ImageError, decode_image
 
 
 class VQAWorker:
@@ -29,7 +29,7 @@ class VQAWorker:
     def __init__(self, spec: JobSpec, task_name: str):
         import torch  # noqa: F401 -- heavy imports live in the actor, not in the driver that pickles this class
 
-        from showo2.vqa import greedy_answers
+        from flashu_batch.showo2.vqa import greedy_answers
 
         task = spec.task(task_name)
         assert task.kind == "vqa", f"VQAWorker runs vqa tasks, got {task.kind!r} task {task_name!r}"
@@ -67,7 +67,7 @@ class VQAWorker:
     def question_problem(self, question) -> str | None:
         """A question too long for the model's positions, as a row error (checked per row: the model would fail
         the whole batch, or slow it to a crawl). Other bad values are left to the pipeline's own checks."""
-        from showo2.layouts import vqa_prompt_ids
+        from flashu_batch.showo2.layouts import vqa_prompt_ids
 
         if not isinstance(question, str):
             return None

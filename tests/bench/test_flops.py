@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.flops import t2i_flops, vqa_flops
+from flashu_batch.bench.flops import t2i_flops, vqa_flops
 
 
 def run_cli(*args):

@@ -2,10 +2,10 @@
 
 import torch
 
-from showo2.layouts import t2i_sequences
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import generate_latents, seeded_noise
-from showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.layouts import t2i_sequences
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.showo2.tokenizer import SpecialTokens
 
 TOKENS = SpecialTokens.from_layout(1000)
 # 8 LLM layers (int(8 * 0.2) = 1 layer skipped) with FFN width 256 (kept width at r_p 0.2: 192).
@@ -52,6 +52,6 @@ def ffn_weights(model):
 
 def config_from_dict(raw: dict):
     """A config as read from JSON at the edge (the CLI, artifacts)."""
-    from flashu.config import FlashUGenerationConfig
+    from flashu_batch.flashu.config import FlashUGenerationConfig
 
     return FlashUGenerationConfig.from_dict(raw)

@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashu.artifact import checkpoint_fingerprint, load_generation_specialist
-from flashu.config import FlashUGenerationConfig
-from flashu.ffn_prune import kept_width
-from flashu.generation import calibrate_generation, specialize_generation
+from flashu_batch.flashu.artifact import checkpoint_fingerprint, load_generation_specialist
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.ffn_prune import kept_width
+from flashu_batch.flashu.generation import calibrate_generation, specialize_generation
 from flashu_testkit import config_from_dict, ffn_weights
-from jobs.specialize import run_specialize
-from showo2.checkpoint import CheckpointError
-from showo2.layouts import t2i_sequences
-from showo2.loading import load_showo2
-from showo2.t2i import generate_latents, seeded_noise
-from showo2.tiny import build_tiny_checkpoint
-from showo2.tokenizer import SpecialTokens, load_tokenizer
+from flashu_batch.app.specialize import run_specialize
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.layouts import t2i_sequences
+from flashu_batch.showo2.loading import load_showo2
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.showo2.tiny import build_tiny_checkpoint
+from flashu_batch.showo2.tokenizer import SpecialTokens, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = ["a red fox in the snow", "two cats on a blue sofa", "a lighthouse at sunset"]
@@ -195,7 +195,7 @@ def test_other_artifact_damage_is_refused(specialized, tmp_path, damage):
 
 def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env=env)
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from flashu.ffn_prune import decoder_layer, importance_order, kept_width, reorder_ffn_, sliced_mlp
+from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_width, reorder_ffn_, sliced_mlp
 from flashu_testkit import DEEP, t2i_batch
-from showo2.modeling import additive_mask
-from showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.modeling import additive_mask
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 
 
 def test_kept_width_of_the_paper():

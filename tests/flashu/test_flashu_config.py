@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.config import FlashUGenerationConfig
 from flashu_testkit import config_from_dict
 
 # Bad values are ValueErrors whose message names the field, whether the config is built directly (the dataclass's

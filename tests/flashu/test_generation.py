@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-import flashu.generation as generation
-from flashu.config import FlashUGenerationConfig
-from flashu.ffn_prune import kept_width
-from flashu.generation import (GenerationSpecialist, calibrate_generation, pruned_widths, specialize_generation)
-from flashu.plan import generation_plan
+import flashu_batch.flashu.generation as generation
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.ffn_prune import kept_width
+from flashu_batch.flashu.generation import (GenerationSpecialist, calibrate_generation, pruned_widths, specialize_generation)
+from flashu_batch.flashu.plan import generation_plan
 from flashu_testkit import DEEP, MAX_SEQ_LEN, OFF, SMALL, TOKENS, baseline_latents, random_prompts, rel_rms, \
     t2i_batch
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import full_sequence_velocity_fn, generate_latents
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import full_sequence_velocity_fn, generate_latents
 
 GUIDANCE = 4.0
 CALIBRATION_PROMPTS = random_prompts([3, 8, 12, 20], seed=7)
@@ -413,8 +413,8 @@ def test_calibration_statistics_come_from_the_baseline_trajectories(make_tiny_mo
     for s, sq, l in zip(scores, span_sq, layers):
         torch.testing.assert_close(s, sq.sqrt() * l.mlp.down_proj.weight.abs().sum(0), rtol=1e-5, atol=1e-6)
     # and the span part is the baseline's calls from the seeded noise (replayed by hand)
-    from showo2.layouts import t2i_sequences
-    from showo2.t2i import seeded_noise
+    from flashu_batch.showo2.layouts import t2i_sequences
+    from flashu_batch.showo2.t2i import seeded_noise
 
     replay = [torch.zeros(256) for _ in range(8)]
 

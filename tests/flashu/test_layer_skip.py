@@ -2,7 +2,7 @@
 
 import torch
 
-from flashu.layer_skip import layer_importance, layers_to_skip
+from flashu_batch.flashu.layer_skip import layer_importance, layers_to_skip
 
 
 def test_identical_states_have_zero_importance():

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flashu.config import FlashUGenerationConfig
-from flashu.plan import format_plan, generation_plan
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.plan import format_plan, generation_plan
 from flashu_testkit import OFF
 
 # design/flashu.md 2.7, row by row: (NFE calls, FFN, layers skipped, diffusion head, s(t)).
@@ -213,7 +213,7 @@ def test_format_plan_on_random_configs():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_plan_command_prints_the_default_table():

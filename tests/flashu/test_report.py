@@ -8,7 +8,7 @@ import sys
 import torch
 from PIL import Image
 
-from flashu.report import top_k_overlap
+from flashu_batch.flashu.report import top_k_overlap
 
 
 def test_overlap_counts_shared_top_k_neurons():
@@ -21,11 +21,11 @@ def test_overlap_counts_shared_top_k_neurons():
 
 
 def test_report_command_writes_json_and_png(tmp_path):
-    from showo2.tiny import build_tiny_checkpoint
+    from flashu_batch.showo2.tiny import build_tiny_checkpoint
 
     folder = build_tiny_checkpoint(str(tmp_path / "ckpt"))
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "specialize", "--report", str(out), "--checkpoint",
+    result = subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", "specialize", "--report", str(out), "--checkpoint",
                              folder], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     with open(out / "report.json") as f:

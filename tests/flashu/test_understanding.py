@@ -2,14 +2,14 @@
 
 import torch
 
-from flashu.config import FlashUUnderstandingConfig
-from flashu.ffn_prune import kept_widths
-from flashu.generation import calibrate_generation
-from flashu.understanding import (UnderstandingSpecialist, calibrate_understanding, kept_token_indices,
+from flashu_batch.flashu.config import FlashUUnderstandingConfig
+from flashu_batch.flashu.ffn_prune import kept_widths
+from flashu_batch.flashu.generation import calibrate_generation
+from flashu_batch.flashu.understanding import (UnderstandingSpecialist, calibrate_understanding, kept_token_indices,
                                   specialize_understanding)
-from showo2.layouts import Sequences, vqa_sequence
-from showo2.tokenizer import SpecialTokens
-from showo2.vqa import greedy_answers
+from flashu_batch.showo2.layouts import Sequences, vqa_sequence
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.vqa import greedy_answers
 
 TOKENS = SpecialTokens.from_layout(1000)
 TEXT_A = [TOKENS.bos] + list(range(5, 18))
@@ -144,8 +144,7 @@ def test_skipped_layers_still_write_their_cache(make_tiny_model, monkeypatch):
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, layer in enumerate(model.showo.model.layers)]
     lengths = {}
-    import flashu.understanding as understanding
-
+    import flashu_batch.flashu.understanding as understanding
     real_cache = understanding.DynamicCache
 
     class Spy(real_cache):
@@ -168,7 +167,7 @@ def test_understanding_calibration_is_its_own(make_tiny_model):
     rows, latents = batch(model, [4, 9, 2], seed=7)
     und = calibrate_understanding(model, rows, latents, TOKENS.pad)
     gen = calibrate_generation(model, [[5] * 6, [9] * 3], TOKENS,
-                               __import__("flashu.config").config.FlashUGenerationConfig(calibration_steps=3),
+                               __import__("flashu_batch.flashu.config").flashu.config.FlashUGenerationConfig(calibration_steps=3),
                                max_seq_len=40)
     assert len(und) == 8 and all(u.shape == (256,) for u in und)
     assert any(not torch.equal(u.argsort(), g.argsort()) for u, g in zip(und, gen))

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashu.wanda import record_ffn_inputs, wanda_scores
+from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
 from flashu_testkit import DEEP
-from showo2.modeling import additive_mask
+from flashu_batch.showo2.modeling import additive_mask
 
 
 def causal_inputs(model, B, L, seed):

@@ -54,8 +54,8 @@ def _stop(pid: int) -> None:
 
 
 def make_bucket(url: str, name: str) -> str:
-    from jobs.spec import StorageSpec
-    from jobs.storage import Storage
+    from flashu_batch.jobs.spec import StorageSpec
+    from flashu_batch.jobs.storage import Storage
 
     client = Storage(StorageSpec(endpoint_url=url, path_style=True)).s3_client()
     try:
@@ -80,7 +80,7 @@ _CHECKPOINT: dict = {}
 def tiny_checkpoint(root: str) -> str:
     """One tiny random-weight Show-o2 checkpoint per test session (with tokenizer and VAE)."""
     if "path" not in _CHECKPOINT:
-        from showo2.tiny import build_tiny_checkpoint
+        from flashu_batch.showo2.tiny import build_tiny_checkpoint
 
         _CHECKPOINT["path"] = build_tiny_checkpoint(os.path.join(root, "tiny-checkpoint"))
     return _CHECKPOINT["path"]

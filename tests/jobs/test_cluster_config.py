@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from batch_testkit import spec_dict
-from jobs.cli import build_parser
-from jobs.spec import SpecError, load_spec, parse_spec
+from flashu_batch.app.cli import build_parser
+from flashu_batch.jobs.spec import SpecError, load_spec, parse_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -168,7 +168,7 @@ def test_a_local_run_refuses_custom_resources_before_starting_ray(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n')
     (tmp_path / "job.json").write_text(json.dumps(custom_spec(tmp_path, {"t2i": 1})))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    code = ("import sys; from jobs.cli import main; rc = main(sys.argv[1:]); import ray; "
+    code = ("import sys; from app.cli import main; rc = main(sys.argv[1:]); import ray; "
             "print('ray started' if ray.is_initialized() else 'ray not started'); sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "job.json"), "--quiet"],
                             env=dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), capture_output=True, text=True,

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 
 from batch_testkit import make_bucket
-from jobs.output import T2I_SCHEMA, VQA_SCHEMA, TaskOutput, read_output
-from jobs.spec import StorageSpec
-from jobs.storage import Storage, join
+from flashu_batch.jobs.output import T2I_SCHEMA, VQA_SCHEMA, TaskOutput, read_output
+from flashu_batch.jobs.spec import StorageSpec
+from flashu_batch.jobs.storage import Storage, join
 
 
 @pytest.fixture(params=["local", "s3"])

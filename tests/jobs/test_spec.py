@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+from flashu_batch.jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 
 
 def good(**overrides) -> dict:
@@ -41,7 +41,7 @@ def test_every_field_has_a_description():
             for sub in getattr(field.annotation, "__args__", (field.annotation,)):
                 if isinstance(sub, type) and issubclass(sub, JobSpec.__mro__[1]):
                     walk(sub)
-    from jobs.spec import T2ITask, VQATask
+    from flashu_batch.jobs.spec import T2ITask, VQATask
     for model in (JobSpec, T2ITask, VQATask):
         walk(model)
 

@@ -3,8 +3,8 @@
 import pytest
 
 from batch_testkit import make_bucket
-from jobs.spec import StorageSpec
-from jobs.storage import Storage, join
+from flashu_batch.jobs.spec import StorageSpec
+from flashu_batch.jobs.storage import Storage, join
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -127,7 +127,7 @@ def outages():
 
 
 def test_a_read_that_meets_an_outage_is_storage_unavailable_and_answers_about_the_object_are_not(monkeypatch):
-    from jobs.storage import StorageUnavailable
+    from flashu_batch.jobs.storage import StorageUnavailable
 
     storage = Storage(StorageSpec(endpoint_url="http://s3", path_style=True))
     for error in outages():

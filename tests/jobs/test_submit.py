@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 
 from batch_testkit import spec_dict, tiny_checkpoint
-from jobs.cli import main
-from jobs.output import read_output
-from jobs.storage import Storage
+from flashu_batch.app.cli import main
+from flashu_batch.jobs.output import read_output
+from flashu_batch.jobs.storage import Storage
 
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -147,7 +147,7 @@ def cli_process(env: dict, *argv) -> tuple[int, str, str]:
     """The CLI in a fresh process: Ray reads RAY_AUTH_MODE once per process, so a run without a token is checked
     where no earlier setting (or a local ray.init()) can have switched this process to token mode."""
     env = {**{k: v for k, v in os.environ.items() if k not in AUTH_ENV}, **env}
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", *argv], env=env, capture_output=True, text=True,
                             timeout=120)
     return result.returncode, result.stdout, result.stderr
 

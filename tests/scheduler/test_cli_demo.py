@@ -8,12 +8,12 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from jobs.cli import main
-from jobs.demo import EXAMPLES, run_demo
-from jobs.output import read_output
-from jobs.preview import LINE_HEIGHT, TEXT_LINES, TILE
-from jobs.spec import load_spec
-from jobs.storage import Storage
+from flashu_batch.app.cli import main
+from flashu_batch.app.demo import EXAMPLES, run_demo
+from flashu_batch.jobs.output import read_output
+from flashu_batch.app.preview import LINE_HEIGHT, TEXT_LINES, TILE
+from flashu_batch.jobs.spec import load_spec
+from flashu_batch.jobs.storage import Storage
 
 
 def test_example_specs_are_valid():
@@ -100,7 +100,7 @@ def test_run_command_connects_to_a_running_cluster(ray_session, checkpoint, tmp_
                            resources=dict(gpus_per_worker=0, cpus_per_worker=0.5, batch_size=3))])
     (tmp_path / "job.json").write_text(json.dumps(raw))
     address = ray.get_runtime_context().gcs_address
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.json"), "--address",
+    result = subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", "run", str(tmp_path / "job.json"), "--address",
                              address, "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "t2i: 6 rows (1 errors)" in result.stdout

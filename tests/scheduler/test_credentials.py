@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_testkit import make_bucket, png_bytes, spec_dict
-from jobs.spec import StorageSpec
-from jobs.storage import Storage, join
+from flashu_batch.jobs.spec import StorageSpec
+from flashu_batch.jobs.storage import Storage, join
 
 SECRETS = dict(AWS_ACCESS_KEY_ID="AKIAFLASHULEAKCHECK7Q",
                AWS_SECRET_ACCESS_KEY="flashuSecret/LeakCheck+9f8e7d6c5b4a3210zyxw",
@@ -44,7 +44,7 @@ def leaks(data: bytes) -> list[str]:
 def run_cli(spec_path: str, ray_tmp: str, cwd: str, timeout: int = 420) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
     env.update(SECRETS, RAY_TMPDIR=ray_tmp)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "run", spec_path], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "flashu_batch.app.cli", "run", spec_path], env=env, cwd=cwd,
                           capture_output=True, timeout=timeout)
 
 

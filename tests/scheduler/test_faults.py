@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from batch_testkit import spec_dict
-from jobs.output import HOLD_BEFORE_COMMIT_ENV, read_output
-from jobs.spec import parse_spec
-from jobs.storage import Storage, join
-from scheduler.driver import run_job
-from scheduler.pipeline import ACTOR_MAX_TASK_RETRIES, RETRIED_STORAGE_ERRORS
-from workers.common import EXIT_MARKER_ENV, EXIT_ON_ROW_ENV
+from flashu_batch.jobs.output import HOLD_BEFORE_COMMIT_ENV, read_output
+from flashu_batch.jobs.spec import parse_spec
+from flashu_batch.jobs.storage import Storage, join
+from flashu_batch.scheduler.driver import run_job
+from flashu_batch.scheduler.pipeline import ACTOR_MAX_TASK_RETRIES, RETRIED_STORAGE_ERRORS
+from flashu_batch.workers.common import EXIT_MARKER_ENV, EXIT_ON_ROW_ENV
 
 N = 12
 
@@ -61,7 +61,7 @@ def pq_rows(storage: Storage, uri: str) -> int:
 
 def hooked_worker(env: dict):
     """The real T2IWorker, with the test hook's settings in its actor process (and in every restart of it)."""
-    from workers import T2IWorker
+    from flashu_batch.workers import T2IWorker
 
     class HookedT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
         def __init__(self, *args, **kwargs):
@@ -90,7 +90,7 @@ def test_a_poison_row_fails_the_job_after_bounded_retries_and_keeps_the_rest(ray
     deaths = tmp_path / "deaths"
     deaths.mkdir()
 
-    from workers import T2IWorker
+    from flashu_batch.workers import T2IWorker
 
     class CountingT2IWorker(T2IWorker):  # every actor start leaves a file: restarts are counted
         def __init__(self, *args, **kwargs):
@@ -150,7 +150,7 @@ def test_a_driver_killed_between_a_data_file_and_its_commit_then_rerun(ray_sessi
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
     env[HOLD_BEFORE_COMMIT_ENV] = str(marker)
     with open(tmp_path / "driver.log", "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
+        driver = subprocess.Popen([sys.executable, "-m", "flashu_batch.app.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     family = []
     try:
@@ -200,8 +200,8 @@ def seaweed(tmp_path):
 
 def test_the_s3_server_killed_and_restarted_mid_job_loses_and_repeats_nothing(ray_session, checkpoint, seaweed,
                                                                               tmp_path):
-    from jobs.spec import StorageSpec
-    from workers import T2IWorker
+    from flashu_batch.jobs.spec import StorageSpec
+    from flashu_batch.workers import T2IWorker
 
     done_at = str(tmp_path / "batches")
 
@@ -314,8 +314,8 @@ def test_an_image_fetch_that_meets_an_outage_is_retried_not_an_error_row(ray_ses
     import pyarrow.parquet as pq
 
     from batch_testkit import make_bucket, png_bytes
-    from jobs.spec import StorageSpec
-    from jobs.storage import ATTEMPTS
+    from flashu_batch.jobs.spec import StorageSpec
+    from flashu_batch.jobs.storage import ATTEMPTS
 
     bucket = make_bucket(s3_endpoint, "flaky-img")
     direct = Storage(StorageSpec(endpoint_url=s3_endpoint, path_style=True))

@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from batch_testkit import make_bucket, png_bytes, spec_dict
-from jobs.output import read_output
-from jobs.spec import SpecError, StorageSpec, parse_spec
-from jobs.storage import ObjectTooLarge, Storage, StorageUnreachable, join
-from scheduler.driver import run_job
-from scheduler.read import plan_reads, read_units
-from workers.images import ImageError, decode_image
+from flashu_batch.jobs.output import read_output
+from flashu_batch.jobs.spec import SpecError, StorageSpec, parse_spec
+from flashu_batch.jobs.storage import ObjectTooLarge, Storage, StorageUnreachable, join
+from flashu_batch.scheduler.driver import run_job
+from flashu_batch.scheduler.read import plan_reads, read_units
+from flashu_batch.workers.images import ImageError, decode_image
 
 MAX_IMAGE_BYTES = 100_000  # the vqa task's params.max_image_bytes: small, so a test image can exceed it
 

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_testkit import make_bucket, png_bytes, spec_dict
-from jobs.output import T2I_SCHEMA, VQA_SCHEMA, read_output
-from jobs.run import summary_lines
-from jobs.spec import StorageSpec, parse_spec
-from jobs.storage import Storage, join
-from scheduler.driver import run_job
+from flashu_batch.jobs.output import T2I_SCHEMA, VQA_SCHEMA, read_output
+from flashu_batch.app.run import summary_lines
+from flashu_batch.jobs.spec import StorageSpec, parse_spec
+from flashu_batch.jobs.storage import Storage, join
+from flashu_batch.scheduler.driver import run_job
 
 PROMPTS = ["a red circle", "a blue square", "", "a fox in the snow", "two cats"]  # one bad row (empty)
 
@@ -136,7 +136,7 @@ def check_exactly_once(storage, root, n, results, orphans_allowed=False):
 
 
 def test_a_worker_failing_midway_then_rerun_has_every_id_exactly_once(ray_session, checkpoint, place):
-    from workers import T2IWorker
+    from flashu_batch.workers import T2IWorker
 
     class FailingT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
         batches = 0
@@ -215,7 +215,7 @@ def test_a_bad_spec_fails_before_ray_starts(tmp_path):
     (tmp_path / "bad.yaml").write_text("job_id: j\nmodel: {checkpoint: m}\ntasks:\n"
                                        "  - {kind: t2i, input: {uris: p.jsonl, format: jsonl}, output: out,\n"
                                        "     resources: {workers: 0}}\n")
-    code = ("import sys; from jobs.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from app.cli import main; rc = main(sys.argv[1:]); "
             "print('ray imported' if 'ray' in sys.modules else 'ray not imported'); sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "bad.yaml")], capture_output=True,
                             text=True, timeout=120)
@@ -228,7 +228,7 @@ def test_retry_errors_runs_the_error_rows_again_and_a_success_replaces_each(ray_
     """A model that failed on some rows (as a timeout or a passing device error would): a plain re-run keeps their
     error rows (final), --retry-errors runs them again, and each one that succeeds replaces its error row; a row
     that fails again (here: an empty prompt) stays one error row."""
-    from workers import T2IWorker
+    from flashu_batch.workers import T2IWorker
 
     class FlakyT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
         def text_to_image(self, prompts, seeds):

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_testkit import png_bytes
-from jobs.spec import InputSpec
-from jobs.storage import Storage
-from scheduler.read import plan_reads, read_units
-from scheduler.validate import validate_t2i, validate_vqa
+from flashu_batch.jobs.spec import InputSpec
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.scheduler.read import plan_reads, read_units
+from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
 
 
 def read_all(inp: InputSpec, kind: str) -> list[dict]:

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.ids import hash_ids
-from jobs.output import T2I_SCHEMA, TaskOutput
-from jobs.spec import JobSpec
-from jobs.storage import Storage
-from scheduler.driver import committed_mask, index_ids, read_back, repeats_report, scan_ids
-from scheduler.pipeline import Skip, read_rows
-from scheduler.read import plan_reads, read_units
+from flashu_batch.jobs.ids import hash_ids
+from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput
+from flashu_batch.jobs.spec import JobSpec
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.scheduler.driver import committed_mask, index_ids, read_back, repeats_report, scan_ids
+from flashu_batch.scheduler.pipeline import Skip, read_rows
+from flashu_batch.scheduler.read import plan_reads, read_units
 
 
 def t2i_task(uri: str, fmt: str, output: str):

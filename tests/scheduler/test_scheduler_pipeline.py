@@ -3,10 +3,10 @@
 import numpy as np
 import pyarrow as pa
 
-from jobs.ids import HASH, hash_ids
-from jobs.output import T2I_SCHEMA, read_output
-from jobs.storage import Storage
-from scheduler.pipeline import Skip, to_output_table, write_and_commit
+from flashu_batch.jobs.ids import HASH, hash_ids
+from flashu_batch.jobs.output import T2I_SCHEMA, read_output
+from flashu_batch.jobs.storage import Storage
+from flashu_batch.scheduler.pipeline import Skip, to_output_table, write_and_commit
 
 
 def t2i_rows(ids) -> pa.Table:
@@ -43,7 +43,7 @@ def test_write_stage_keeps_one_row_per_id(tmp_path):
 def test_vqa_blocks_are_bucketed_by_question_length():
     import pyarrow as pa
 
-    from scheduler.pipeline import bucket_by_question_length
+    from flashu_batch.scheduler.pipeline import bucket_by_question_length
 
     table = pa.table({"id": ["a", "b", "c", "d"], "question": ["a long question here?", None, "hi?", "medium one?"]})
     out = bucket_by_question_length(table)

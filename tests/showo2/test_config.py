@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from showo2.config import KNOWN_CONFIGS, FlowHeadConfig, Showo2Config
-from showo2.modeling import Showo2
+from flashu_batch.showo2.config import KNOWN_CONFIGS, FlowHeadConfig, Showo2Config
+from flashu_batch.showo2.modeling import Showo2
 
 
 def official_keys(n_llm: int, n_und: int, n_head: int, with_projections: bool = True) -> set[str]:
@@ -107,7 +107,7 @@ def test_preset_geometry():
 
 
 def test_golden_key_set(golden_dir, golden_meta):
-    from showo2.checkpoint import read_state_dict
+    from flashu_batch.showo2.checkpoint import read_state_dict
 
     folder = os.path.join(golden_dir, "checkpoint")
     config = Showo2Config.from_pretrained(folder)
@@ -148,7 +148,7 @@ def test_equal_width_has_no_projections(make_tiny_model):
     assert not any(k.startswith(("diff_proj", "time_embed_proj")) for k in model.state_dict())
     temb, token = model.time_embedding(torch.tensor([0.3]))
     assert torch.equal(temb, token)
-    from showo2.modeling import additive_mask, omni_attention_mask
+    from flashu_batch.showo2.modeling import additive_mask, omni_attention_mask
 
     S, L = model.config.num_image_slots, 24
     mp = torch.tensor([[[3, S]]])

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from showo2.layouts import (
+from flashu_batch.showo2.layouts import (
     VQA_ASSISTANT_TEXT, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence,
 )
-from showo2.modeling import omni_attention_mask
-from showo2.tokenizer import SpecialTokens, build_tokenizer
+from flashu_batch.showo2.modeling import omni_attention_mask
+from flashu_batch.showo2.tokenizer import SpecialTokens, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Tests for showo2.loading (load_showo2, save_showo2) and showo2.checkpoint: strict loading errors, round trips
-through every weight layout, the golden checkpoint (.bin vs safetensors, tied head, bf16) and s3:// with a cache."""
+through every weight layout, the golden checkpoint (.bin vs safetensors, tied head, bf16); s3:// fetching is tests/jobs/test_fetch.py."""
 
 import json
 import os
@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from showo2.checkpoint import CheckpointError, load_strict, read_sharded_state_dict, read_state_dict
-from showo2.layouts import Sequences
-from showo2.loading import load_showo2, save_showo2
-from showo2.modeling import additive_mask, omni_attention_mask
+from flashu_batch.showo2.checkpoint import CheckpointError, load_strict, read_sharded_state_dict, read_state_dict
+from flashu_batch.showo2.layouts import Sequences
+from flashu_batch.showo2.loading import load_showo2, save_showo2
+from flashu_batch.showo2.modeling import additive_mask, omni_attention_mask
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -350,53 +350,3 @@ def test_golden_bf16(golden_dir, golden_data):
     expected = torch.cat([golden_data["t2i_velocity.v_cond"], golden_data["t2i_velocity.v_uncond"]])
     rel_rms = ((v - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
     assert 0 < rel_rms < 0.05, rel_rms  # bf16 rounding shows (not bit-equal to fp32), but stays close
-
-
-# ------------------------------------------------------------------------------------------------------- s3
-
-
-def test_s3_load_and_cache(saved, tiny, tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto")
-    import boto3
-
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.setenv(var, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("FLASHU_CACHE", str(cache))
-
-    with moto.mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        s3.create_bucket(Bucket="models")
-        uploaded = []
-        for root, _, files in os.walk(saved):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), saved)
-                s3.upload_file(os.path.join(root, name), "models", f"showo2/tiny/{rel}")
-                uploaded.append(rel)
-        assert "model.safetensors" in uploaded and os.path.join("llm", "config.json") in uploaded
-        # A sibling prefix that must not be fetched.
-        s3.put_object(Bucket="models", Key="showo2/tiny-other/model.safetensors", Body=b"junk")
-
-        first = load_showo2("s3://models/showo2/tiny")
-        assert_same_state(first.state_dict(), tiny.state_dict())
-        local = cache / "s3" / "models" / "showo2" / "tiny"
-        for rel in uploaded:
-            assert (local / rel).is_file(), rel
-        assert not (cache / "s3" / "models" / "showo2" / "tiny-other").exists()
-
-        # Empty the bucket and delete it: a second load must come from the cache without calling S3.
-        for obj in s3.list_objects_v2(Bucket="models")["Contents"]:
-            s3.delete_object(Bucket="models", Key=obj["Key"])
-        s3.delete_bucket(Bucket="models")
-        second = load_showo2("s3://models/showo2/tiny/")
-        assert_same_state(second.state_dict(), tiny.state_dict())
-
-        # Without a cache copy the same call does go to S3 and fails: the second load above did not.
-        from botocore.exceptions import ClientError
-
-        with pytest.raises(ClientError, match=r"NoSuchBucket"):
-            load_showo2("s3://models/showo2/elsewhere")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from showo2.parity import compare, run_parity
+from flashu_batch.showo2.parity import compare, run_parity
 
 
 def run_cli(golden: str) -> subprocess.CompletedProcess:
     exe = shutil.which("flashu-batch")
-    cmd = [exe] if exe else [sys.executable, "-m", "jobs.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "flashu_batch.app.cli"]
     return subprocess.run(cmd + ["parity", golden], capture_output=True, text=True, timeout=300)
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-import showo2.pipeline
-import showo2.vqa
-from showo2.layouts import vqa_prompt_ids, vqa_sequence
-from showo2.loading import VAE_FILE, save_showo2
-from showo2.pipeline import Showo2Pipeline
-from showo2.tokenizer import build_tokenizer
-from showo2.vae import VAEConfig, WanVAE
+from flashu_batch.showo2 import pipeline as showo2_pipeline
+from flashu_batch.showo2 import vqa as showo2_vqa
+from flashu_batch.showo2.layouts import vqa_prompt_ids, vqa_sequence
+from flashu_batch.showo2.loading import VAE_FILE, save_showo2
+from flashu_batch.showo2.pipeline import Showo2Pipeline
+from flashu_batch.showo2.tokenizer import build_tokenizer
+from flashu_batch.showo2.vae import VAEConfig, WanVAE
 
 WORDS = ["red", "fox", "blue", "house", "cat", "tree", "the", "What", "is", "this", "color", "shown", "in",
          "picture", "system", "You", "are", "helpful", "assistant", "user", "Describe", "image", "sitting", "snow"]
@@ -117,13 +117,13 @@ def test_batch_independence(pipe):
 def test_guidance_zero_and_one(pipe, monkeypatch):
     """g = 0 runs the cond rows only; g = 1 (v_u + 1 * (v_c - v_u) = v_c) must give the same latents."""
     rows = []
-    real = showo2.pipeline.PrefixCachedVelocity
+    real = showo2_pipeline.PrefixCachedVelocity
 
     def spy(model, seqs, use_cfg):
         rows.append((seqs.input_ids.shape[0], use_cfg))
         return real(model, seqs, use_cfg)
 
-    monkeypatch.setattr(showo2.pipeline, "PrefixCachedVelocity", spy)
+    monkeypatch.setattr(showo2_pipeline, "PrefixCachedVelocity", spy)
     prompts = ["the red fox", "a cat in the snow"]
     g0 = latents(pipe, prompts, [4, 6], guidance_scale=0)
     g1 = latents(pipe, prompts, [4, 6], guidance_scale=1.0)
@@ -156,14 +156,14 @@ def test_answer_matches_reference_decoding(pipe, monkeypatch):
     images = [rgb, tensor, tensor]
     questions = ["What is this?", "Describe the image in the picture", "What color is shown?"]
     captured = []
-    real = showo2.pipeline.greedy_answers
+    real = showo2_pipeline.greedy_answers
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         captured.append((kwargs["max_new_tokens"], out))
         return out
 
-    monkeypatch.setattr(showo2.pipeline, "greedy_answers", spy)
+    monkeypatch.setattr(showo2_pipeline, "greedy_answers", spy)
     answers = pipe.answer(images, questions, max_new_tokens=5)
     assert isinstance(answers, list) and all(isinstance(a, str) for a in answers) and len(answers) == 3
     assert pipe.answer(images, questions, max_new_tokens=5) == answers
@@ -198,19 +198,19 @@ def test_preprocess_image(pipe):
 
 
 def reference_ids(pipe, image, question, max_new_tokens, layout="demo"):
-    """Greedy ids from the official decoding loop (showo2.vqa.greedy_answer_recompute) for one question."""
+    """Greedy ids from the official decoding loop (showo2_vqa.greedy_answer_recompute) for one question."""
     latent = pipe.vae.encode(pipe.preprocess_image(image)[None])
     text_a, q_ids, role_b = vqa_prompt_ids(pipe.tokenizer, pipe.tokens, question, layout)
     seqs = vqa_sequence(q_ids, text_a, role_b, pipe.tokens, pipe.model.config.num_image_slots, layout)
-    ids, _ = showo2.vqa.greedy_answer_recompute(pipe.model, seqs, latent, max_new_tokens=max_new_tokens,
+    ids, _ = showo2_vqa.greedy_answer_recompute(pipe.model, seqs, latent, max_new_tokens=max_new_tokens,
                                                 eos_id=pipe.tokens.eos)
     return ids
 
 
 def test_answer_max_new_tokens(pipe, monkeypatch):
     captured = []
-    real = showo2.pipeline.greedy_answers
-    monkeypatch.setattr(showo2.pipeline, "greedy_answers",
+    real = showo2_pipeline.greedy_answers
+    monkeypatch.setattr(showo2_pipeline, "greedy_answers",
                         lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     image = torch.zeros(3, 64, 64)
     for limit in (1, 3):
@@ -225,8 +225,8 @@ def test_answer_max_new_tokens(pipe, monkeypatch):
 
 def test_answer_training_layout(pipe, monkeypatch):
     captured = []
-    real = showo2.pipeline.greedy_answers
-    monkeypatch.setattr(showo2.pipeline, "greedy_answers",
+    real = showo2_pipeline.greedy_answers
+    monkeypatch.setattr(showo2_pipeline, "greedy_answers",
                         lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 64, 64, generator=g) * 2 - 1 for _ in range(2)]
@@ -253,11 +253,11 @@ def no_model_work(pipe, monkeypatch):
     monkeypatch.setattr(pipe.model, "time_embedding", boom)
     monkeypatch.setattr(pipe.vae, "encode", boom)
     monkeypatch.setattr(pipe.vae, "decode", boom)
-    monkeypatch.setattr(showo2.pipeline, "PrefixCachedVelocity", boom)
-    monkeypatch.setattr(showo2.pipeline, "generate_latents", boom)
-    monkeypatch.setattr(showo2.pipeline, "greedy_answers", boom)
-    monkeypatch.setattr(showo2.vqa, "greedy_answers", boom)
-    monkeypatch.setattr(showo2.vqa, "greedy_answer_recompute", boom)
+    monkeypatch.setattr(showo2_pipeline, "PrefixCachedVelocity", boom)
+    monkeypatch.setattr(showo2_pipeline, "generate_latents", boom)
+    monkeypatch.setattr(showo2_pipeline, "greedy_answers", boom)
+    monkeypatch.setattr(showo2_vqa, "greedy_answers", boom)
+    monkeypatch.setattr(showo2_vqa, "greedy_answer_recompute", boom)
     return pipe
 
 

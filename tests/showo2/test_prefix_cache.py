@@ -2,11 +2,11 @@
 
 import torch
 
-from showo2.layouts import t2i_sequences
-from showo2.loading import load_showo2
-from showo2.prefix_cache import PrefixCachedVelocity
-from showo2.t2i import full_sequence_velocity_fn, generate_latents
-from showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.layouts import t2i_sequences
+from flashu_batch.showo2.loading import load_showo2
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import full_sequence_velocity_fn, generate_latents
+from flashu_batch.showo2.tokenizer import SpecialTokens
 
 TOKENS = SpecialTokens.from_layout(1000)
 # Float32 rounding differs between a 40-token and a prefix+span attention; the golden noise floor is ~4e-6.

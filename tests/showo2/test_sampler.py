@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from showo2.sampler import FlowEulerSampler
-from showo2.t2i import generate_latents
+from flashu_batch.showo2.sampler import FlowEulerSampler
+from flashu_batch.showo2.t2i import generate_latents
 
 
 def test_grid_against_golden(golden_data, golden_meta, golden_specs):

@@ -8,15 +8,16 @@ import os
 
 import pytest
 
-from bench import quality
-from showo2 import tiny_world as world
-from showo2.checkpoint import CheckpointError
-from showo2.loading import load_showo2
-from showo2.pipeline import Showo2Pipeline
-from showo2.tokenizer import load_tokenizer
-from train.tiny_shapes import TrainArgs, build_world_tokenizer
+from flashu_batch.bench import quality
+from flashu_batch.showo2.tiny import CHECKPOINTS
+from flashu_batch.train import tiny_world as world
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.loading import load_showo2
+from flashu_batch.showo2.pipeline import Showo2Pipeline
+from flashu_batch.showo2.tokenizer import load_tokenizer
+from flashu_batch.train.tiny_shapes import TrainArgs, build_world_tokenizer
 
-FOLDER = world.CHECKPOINTS["tiny-shapes"]
+FOLDER = CHECKPOINTS["tiny-shapes"]
 # Floors well under the shipped model's scores on these small samples (README: the full-size table, T2I overall 85%,
 # VQA 94%), so sampling noise does not trip them while a broken model (random weights score ~0 on both) does.
 T2I_OVERALL_FLOOR, VQA_FLOOR = 0.75, 0.8

@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from showo2.tokenizer import (
+from flashu_batch.showo2.tokenizer import (
     QWEN2_5, QWEN_SPECIAL_TOKENS, ROLE_TOKENS, SHOWO2_ADDED_TOKENS, SpecialTokens, build_tokenizer, load_tokenizer,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "..", "shared", "golden", "tiny-a")
+GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "tests", "golden", "tiny-a")  # tests/conftest.py
 CASES = os.path.join(GOLDEN, "cases.json")
 
 WORDS = ["You", "are", "helpful", "assistant", "system", "user", "photo", "red", "fox", "sitting", "in", "the",
@@ -37,7 +37,6 @@ def test_layout_and_length(tok):
     assert tok.eos_token_id == SpecialTokens.from_tokenizer(tok).eos
 
 
-@pytest.mark.skipif(not os.path.isfile(CASES), reason=f"golden cases.json not found at {GOLDEN!r} (set FLASHU_GOLDEN)")
 def test_matches_golden_tiny_a_layout():
     with open(CASES) as f:
         golden = json.load(f)["tokenizer"]

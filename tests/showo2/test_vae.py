@@ -6,16 +6,12 @@ import os
 import pytest
 import torch
 
-from showo2.checkpoint import CheckpointError
-from showo2.vae import VAE_CONFIGS, VAEConfig, WanVAE, load_vae
+from flashu_batch.showo2.checkpoint import CheckpointError
+from flashu_batch.showo2.vae import VAE_CONFIGS, VAEConfig, WanVAE, load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "..", "shared", "golden", "tiny-a")
+GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "tests", "golden", "tiny-a")  # tests/conftest.py
 VAE_FILE = os.path.join(GOLDEN, "checkpoint", "Wan2.1_VAE.pth")
-needs_golden = pytest.mark.skipif(
-    not os.path.isfile(VAE_FILE),
-    reason=f"golden vectors not found at {GOLDEN!r} (set FLASHU_GOLDEN to the tiny-a folder)",
-)
 
 # Parameter count of the official Wan2.1_VAE.pth (dim 96), time_conv weights included.
 OFFICIAL_PARAM_COUNT = 126_892_531
@@ -52,25 +48,21 @@ def assert_golden(actual, golden, name):
 # ----------------------------------------------------------------------------------------------------- golden
 
 
-@needs_golden
 def test_golden_encode(vae, golden):
     with torch.no_grad():
         assert_golden(vae.encode(golden[0]["vae.image"]), golden, "vae.latent")
 
 
-@needs_golden
 def test_golden_decode(vae, golden):
     with torch.no_grad():
         assert_golden(vae.decode(golden[0]["vae.latent"]), golden, "vae.decoded")
 
 
-@needs_golden
 def test_golden_mmu_latent(vae, golden):
     with torch.no_grad():
         assert_golden(vae.encode(golden[0]["mmu.image"]), golden, "mmu.debug.latent")
 
 
-@needs_golden
 def test_load_vae_reads_config_beside_file(vae):
     assert vae.config == tiny_config()
     assert vae.config.dim == 8
@@ -81,7 +73,6 @@ def test_load_vae_reads_config_beside_file(vae):
 # ------------------------------------------------------------------------------------------ strict loading
 
 
-@needs_golden
 @pytest.mark.parametrize("problem", ["missing", "extra", "shape"])
 def test_strict_loading_errors(tmp_path, problem):
     state = torch.load(VAE_FILE, weights_only=True)
@@ -134,7 +125,6 @@ def test_from_json_ignores_metadata_and_rejects_unknown(tmp_path):
         VAEConfig.from_json(str(path))
 
 
-@needs_golden
 def test_tiny_config_matches_official_constants():
     cfg, preset = tiny_config(), VAE_CONFIGS["wan2.1"]
     assert cfg.latents_mean == preset.latents_mean and cfg.latents_std == preset.latents_std
@@ -208,7 +198,6 @@ def test_official_preset_on_meta():
     assert state["decoder.head.2.weight"].shape == (3, 96, 3, 3, 3)
 
 
-@needs_golden
 def test_key_set_matches_official_file():
     file_state = torch.load(VAE_FILE, weights_only=True)
     with torch.device("meta"):
@@ -223,7 +212,6 @@ def test_key_set_matches_official_file():
 # -------------------------------------------------------------------------------------------------------- bf16
 
 
-@needs_golden
 def test_bf16_close_to_fp32(vae, golden):
     vae16 = load_vae(VAE_FILE, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in vae16.parameters())

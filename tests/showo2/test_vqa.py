@@ -2,11 +2,11 @@
 
 import torch
 
-from showo2.layouts import vqa_sequence
-from showo2.loading import load_showo2
-from showo2.tokenizer import SpecialTokens
-from showo2.vae import load_vae
-from showo2.vqa import greedy_answer_recompute, greedy_answers, left_pad
+from flashu_batch.showo2.layouts import vqa_sequence
+from flashu_batch.showo2.loading import load_showo2
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.vae import load_vae
+from flashu_batch.showo2.vqa import greedy_answer_recompute, greedy_answers, left_pad
 
 TOKENS = SpecialTokens.from_layout(1000)
 TEXT_A = [TOKENS.bos, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]

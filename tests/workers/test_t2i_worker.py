@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from batch_testkit import spec_dict
-from jobs.spec import parse_spec
-from workers import T2IWorker
-from workers.common import row_seed
+from flashu_batch.jobs.spec import parse_spec
+from flashu_batch.workers import T2IWorker
+from flashu_batch.workers.common import row_seed
 
 
 def make_worker(checkpoint, params=None, resources=None, specialist=None):

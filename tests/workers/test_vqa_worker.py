@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from batch_testkit import png_bytes, spec_dict
-from jobs.spec import parse_spec
-from workers import T2IWorker, VQAWorker
+from flashu_batch.jobs.spec import parse_spec
+from flashu_batch.workers import T2IWorker, VQAWorker
 
 
 def make_worker(checkpoint, specialist=None, max_new_tokens=4):
@@ -59,7 +59,7 @@ def test_missing_columns_are_named(worker):
 @pytest.fixture(scope="module")
 def artifacts(checkpoint, tmp_path_factory):
     """Small FlashU artifacts for both tasks (calibrated on two prompts / two images)."""
-    from jobs.specialize import run_specialize
+    from flashu_batch.app.specialize import run_specialize
 
     root = tmp_path_factory.mktemp("artifacts")
     (root / "t2i.json").write_text(json.dumps({"num_inference_steps": 5, "guidance_schedule": [[2, 3.0], [2, 5.0]],

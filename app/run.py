@@ -3,7 +3,7 @@
 import sys
 import time
 
-from jobs.spec import JobSpec
+from flashu_batch.jobs.spec import JobSpec
 
 PROGRESS_EVERY_S = 2.0
 
@@ -40,7 +40,7 @@ def summary_lines(spec: JobSpec, results: dict) -> list[str]:
 
 
 def run_and_report(spec: JobSpec, address: str | None = None, quiet: bool = False, retry_errors: bool = False) -> int:
-    from scheduler.driver import run_job
+    from flashu_batch.scheduler.driver import run_job
 
     results = run_job(spec, address=address, quiet=quiet, on_progress=None if quiet else ProgressPrinter(),
                       retry_errors=retry_errors)

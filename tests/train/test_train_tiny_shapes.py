@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from showo2 import tiny_world as world
-from showo2.pipeline import Showo2Pipeline
-from showo2.tokenizer import SpecialTokens
-from train import tiny_shapes as train
+from flashu_batch.showo2.tiny import CHECKPOINTS
+from flashu_batch.train import tiny_world as world
+from flashu_batch.showo2.pipeline import Showo2Pipeline
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.train import tiny_shapes as train
 
 TOY = ["--n-scenes", "24", "--vae-steps", "3", "--vae-batch", "4", "--steps", "3", "--t2i-batch", "4",
        "--vqa-batch", "4", "--width", "32", "--layers", "2", "--ffn", "64", "--head-ffn", "32", "--head-layers", "1",
@@ -148,9 +149,9 @@ def test_normalised_latents_have_unit_statistics():
 
 def test_default_arguments_build_the_shipped_architecture():
     """The script's defaults describe the shipped checkpoint, so retraining with them reproduces its shapes."""
-    from showo2.config import Showo2Config
+    from flashu_batch.showo2.config import Showo2Config
 
-    shipped = Showo2Config.from_pretrained(world.CHECKPOINTS["tiny-shapes"])
+    shipped = Showo2Config.from_pretrained(CHECKPOINTS["tiny-shapes"])
     args = train.TrainArgs()
     built = train.model_config(len(train.build_world_tokenizer()), args.width, args.layers, args.ffn, args.head_ffn,
                                args.head_layers, args.semantic_width, args.semantic_layers, args.rope_theta,

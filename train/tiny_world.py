@@ -19,12 +19,11 @@ combinations, not memorisation. Everything is deterministic from a seed (`sample
 Checkers: `detect` finds the objects of an image (foreground connected components, majority color, shape by
 template IoU, nearest named position); `score_image` / `score_t2i` score an image against a caption GenEval-style
 (count, color, shape, position, object binding, and overall = exactly the requested objects); `vqa_accuracy` is
-exact match on normalised answers. On the generator's own images they score 100% (tests/showo2/test_tiny_world.py).
+exact match on normalised answers. On the generator's own images they score 100% (tests/train/test_tiny_world.py).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections import Counter
@@ -32,9 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-# The shipped model trained on this world (train/tiny_shapes.py), by name.
-CHECKPOINTS = {"tiny-shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-shapes")}
 
 IMAGE_SIZE = 64
 BACKGROUND = (0, 0, 0)

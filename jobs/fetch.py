@@ -1,4 +1,6 @@
-"""Fetch a checkpoint folder from an `s3://bucket/prefix` once into a local cache.
+"""Model sources -> local folders: a local folder as it is, an `s3://bucket/prefix` fetched once into a local cache.
+
+The model package (showo2/) reads local files only; everything remote is resolved here, at the edge.
 
 Endpoint, region and credentials come from boto3's standard sources (AWS_* environment variables, config files,
 instance roles); nothing here logs them. Several processes on one node may ask for the same prefix at once: a file
@@ -58,3 +60,13 @@ def fetch_prefix(uri: str, cache_dir: str | None = None, s3_client=None) -> str:
             raise ValueError(f"No objects under {uri!r}: check the bucket and prefix.")
         open(os.path.join(local, _DONE_MARKER), "w").close()
     return local
+
+
+def model_folder(source: str, s3_client=None) -> str:
+    """A local folder for a model source: a local folder as it is, an s3:// prefix through the cache (fetch_prefix).
+    Raises FileNotFoundError naming the source when a local folder is not there."""
+    if source.startswith("s3://"):
+        return fetch_prefix(source, s3_client=s3_client)
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"model folder {source!r} does not exist (expected a local folder or an s3:// prefix)")
+    return source

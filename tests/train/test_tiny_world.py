@@ -1,4 +1,4 @@
-"""The tiny-shapes world (showo2/tiny_world.py): deterministic scenes, disjoint splits, captions and questions, and
+"""The tiny-shapes world (train/tiny_world.py): deterministic scenes, disjoint splits, captions and questions, and
 the checkers validated on the generator's own images (they must score 100% there, and catch wrong images)."""
 
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from showo2 import tiny_world as w
+from flashu_batch.train import tiny_world as w
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_questions_have_one_word_answers_and_cover_every_kind(scenes):
 
 
 def test_world_words_are_single_tokens():
-    from train.tiny_shapes import build_world_tokenizer
+    from flashu_batch.train.tiny_shapes import build_world_tokenizer
 
     plain, glued = build_world_tokenizer(glue_spaces=0), build_world_tokenizer(glue_spaces=1)
     for word in w.WORDS:  # glued: also with the leading space Qwen's tokenizer glues to a word

@@ -29,7 +29,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from jobs.spec import JobSpec
+from flashu_batch.jobs.spec import JobSpec
 
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in Ray's order of precedence
 SPEC_FILE = "job.json"  # the spec's name in the job's working_dir

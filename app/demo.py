@@ -17,7 +17,7 @@ def demo_spec(out: str, model: str | None = None):
     """examples/demo.yaml with the output folder (and the model, unless None: the shipped tiny-shapes) of this run."""
     import yaml
 
-    from jobs.spec import parse_spec
+    from flashu_batch.jobs.spec import parse_spec
 
     path = os.path.join(EXAMPLES, "demo.yaml")
     if not os.path.isfile(path):
@@ -33,11 +33,11 @@ def demo_spec(out: str, model: str | None = None):
 
 
 def run_demo(out: str, model: str | None = None) -> None:
-    from jobs.output import read_output
-    from jobs.preview import write_preview
-    from jobs.run import ProgressPrinter, summary_lines
-    from jobs.storage import Storage
-    from scheduler.driver import run_job
+    from flashu_batch.jobs.output import read_output
+    from flashu_batch.app.preview import write_preview
+    from flashu_batch.app.run import ProgressPrinter, summary_lines
+    from flashu_batch.jobs.storage import Storage
+    from flashu_batch.scheduler.driver import run_job
 
     os.makedirs(out, exist_ok=True)
     spec = demo_spec(out, model)

@@ -9,8 +9,8 @@ the answer. Error rows show their error, so a sheet also shows what went wrong.
 import io
 import textwrap
 
-from jobs.output import read_output
-from jobs.storage import Storage, join
+from flashu_batch.jobs.output import read_output
+from flashu_batch.jobs.storage import Storage, join
 
 TILE = 192         # tile width and image box, pixels
 TEXT_LINES = 5     # lines of text under each image

@@ -7,7 +7,7 @@ JOBS_API_COMMANDS = ("submit", "status", "logs")  # talk to a cluster's Jobs API
 
 
 def cmd_parity(args) -> int:
-    from showo2.parity import run_parity
+    from flashu_batch.showo2.parity import run_parity
 
     results = run_parity(args.golden_dir)
     for result in results:
@@ -18,14 +18,14 @@ def cmd_parity(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from jobs.demo import run_demo
+    from flashu_batch.app.demo import run_demo
 
     run_demo(args.out, model=args.model)
     return 0
 
 
 def cmd_preview(args) -> int:
-    from jobs.preview import write_preview
+    from flashu_batch.app.preview import write_preview
 
     shown = write_preview(args.output, args.out, limit=args.limit)
     print(f"{shown} rows -> {args.out}")
@@ -33,10 +33,10 @@ def cmd_preview(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs.spec import load_spec
+    from flashu_batch.jobs.spec import load_spec
 
     spec = load_spec(args.spec)  # validated before Ray is imported: a bad spec costs no cluster time
-    from jobs.run import run_and_report
+    from flashu_batch.app.run import run_and_report
 
     try:
         return run_and_report(spec, address=args.address, quiet=args.quiet, retry_errors=args.retry_errors)
@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_specialize(args) -> int:
-    from jobs.specialize import run_report, run_specialize
+    from flashu_batch.app.specialize import run_report, run_specialize
 
     if args.report:
         report = run_report(args.checkpoint, args.report, args.tokenizer, args.vae, args.dtype, args.device)
@@ -62,16 +62,16 @@ def cmd_specialize(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from flashu.plan import format_plan, generation_plan
-    from jobs.specialize import read_config
+    from flashu_batch.flashu.plan import format_plan, generation_plan
+    from flashu_batch.app.specialize import read_config
 
     print(format_plan(generation_plan(read_config(args.config))))
     return 0
 
 
 def cmd_submit(args) -> int:
-    from jobs.spec import load_spec
-    from jobs.submit import EXIT_REFUSED, AlreadySubmitted, local_paths, submit
+    from flashu_batch.jobs.spec import load_spec
+    from flashu_batch.app.submit import EXIT_REFUSED, AlreadySubmitted, local_paths, submit
 
     spec = load_spec(args.spec)  # validated here: a bad spec never reaches the cluster
     local = local_paths(spec)
@@ -89,14 +89,14 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from jobs.submit import connect, status_lines
+    from flashu_batch.app.submit import connect, status_lines
 
     print("\n".join(status_lines(connect(args.address), args.job_id)), flush=True)
     return 0
 
 
 def cmd_logs(args) -> int:
-    from jobs.submit import connect, print_logs
+    from flashu_batch.app.submit import connect, print_logs
 
     final = print_logs(connect(args.address), args.job_id, follow=args.follow)
     if args.follow:  # a script can wait on the job: exit 0 only when it succeeded
