@@ -18,7 +18,7 @@ import time
 
 from PIL import Image
 
-from flashu_batch.workers.common import read_columns, to_batch
+from flashu_batch.workers.common import passthrough_columns, read_columns, to_table
 from flashu_batch.workers.t2i import T2IWorker
 
 PNG_1x1 = io.BytesIO()
@@ -28,7 +28,7 @@ Image.new("RGB", (1, 1)).save(PNG_1x1, format="PNG")
 class NoOpT2IWorker(T2IWorker):
     """T2IWorker's interface and output columns, no model; logs each call's (start, end) to a file per actor."""
 
-    def __init__(self, spec, task_name):
+    def __init__(self, model, params, **kwargs):
         self.log = os.path.join(os.environ["FLASHU_BENCH_LOG"], f"actor-{os.getpid()}.jsonl")
 
     def __call__(self, batch):
@@ -40,7 +40,8 @@ class NoOpT2IWorker(T2IWorker):
         out.update(id=cols["id"], prompt=cols["prompt"], error=list(cols["error"]), seed=[0] * n,
                    image_bytes=[PNG_1x1.getvalue()] * n, image_path=[f"{i}.png" for i in cols["id"]],
                    width=[1] * n, height=[1] * n, model=["noop"] * n, latency_s=[0.0] * n)
-        result = to_batch(out, n, type(self).__name__)
+        result = to_table(out, n, type(self).__name__, passthrough_columns(batch, {*self.INPUT_COLUMNS,
+                                                                                   *self.OUTPUT_COLUMNS}))
         with open(self.log, "a") as f:
             f.write(json.dumps([start, time.perf_counter()]) + "\n")
         return result

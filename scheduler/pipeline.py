@@ -1,26 +1,34 @@
 """One Ray Data pipeline per task, built by a plain function that reads the spec and appends stages:
 
-    read units -> canonical rows (ids), less committed and repeated ids -> validate/decode (CPU) -> worker pool
-    -> write+commit
+    read units -> canonical rows (ids), less committed and repeated ids -> [inference stages] -> write+commit
+
+The inference stages (validate/decode on CPU -> shape buckets -> worker pool -> output rows) are the same ones a
+user's own Dataset goes through with `build_processor` (scheduler/processor.py): `flashu-batch run` is that
+processor plus the exactly-once writer below.
 
 The write is a stage, not a Datasink: each call writes one `data/part-<uuid>.parquet`, creates its commit record
 and returns one small summary row. The driver streams those rows, so progress and metrics come from commits.
 """
 
+import re
 from dataclasses import dataclass
+
+import warnings
 
 import numpy as np
 import pyarrow as pa
 
 from flashu_batch.jobs.ids import find, hash_ids
 from flashu_batch.jobs.output import SCHEMAS, TaskOutput
-from flashu_batch.jobs.spec import InputSpec, JobSpec, T2ITask, VQATask
+from flashu_batch.jobs.spec import InputSpec, ModelSpec, ResourcesSpec, StorageSpec
 from flashu_batch.jobs.storage import Storage, StorageUnavailable
-from flashu_batch.scheduler.read import read_units
+from flashu_batch.scheduler.read import ROW_SCHEMAS, InputError, read_units, unit_row_ids
 from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
 
+# One row per write (TaskOutput.write_and_commit): "committed" whether this write made the commit record, "this_run"
+# whether its rows count for this run (also a retried write whose first attempt committed, then died unreported)
 SUMMARY_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
-                            ("committed", pa.bool_())])
+                            ("committed", pa.bool_()), ("this_run", pa.bool_())])
 READ_CPUS = 0.25  # CPU stages are light; small shares keep them schedulable beside the actor pool
 
 # Fault tolerance (README, "Fault tolerance"). Ray Data's defaults retry without limit: pool actors restart forever
@@ -30,8 +38,12 @@ ACTOR_MAX_RESTARTS = 4  # per actor over the task: lost nodes, preemptions, OOM 
 ACTOR_MAX_TASK_RETRIES = 2  # per batch, on its actor's death: a batch that killed 3 workers fails the job
 TASK_MAX_RETRIES = 3  # read/validate/write tasks whose process died; all safe to re-run (a write commits its ids
 #                       under a key derived from them, so a re-run write commits nothing twice)
+# A task or batch that Ray's memory monitor killed is re-run apart from the bounds above, and forever by default
+# (Ray's system config task_oom_retries = -1, read by the process that submits the task: the driver). Bounded for the
+# Ray the driver starts (driver.init_ray) and on clusters by RAY_task_oom_retries on every node (ray_cluster.yaml,
+# k8s/rayjob.yaml); past it the job ends with the error of explain_worker_deaths.
+TASK_OOM_RETRIES = 3
 CPU_STAGE = dict(num_cpus=READ_CPUS, max_retries=TASK_MAX_RETRIES)
-# (Ray 2.60 takes these three only as `**ray_remote_args` of map_batches, deprecated for removal in Ray 2.64.)
 # A storage outage (an S3 server restarting, a network blip longer than the clients' own few retries) raises in a
 # task: Ray Data re-runs a task whose error matches one of these, up to STORAGE_MAX_RETRIES times, with exponential
 # backoff (2, 4, 8, 16, 32 s at most, jittered: an outage of about a minute). Every task is safe to re-run.
@@ -61,20 +73,37 @@ class Skip:
         return ~(committed | repeated)
 
 
+def map_stage(ds, fn, **kwargs):
+    """ds.map_batches(fn, **kwargs). Ray 2.60 takes the retry bounds (max_retries, max_restarts, max_task_retries)
+    only as `**ray_remote_args`, which it flags as deprecated for removal in 2.64 (pyproject pins ray below it)
+    without a named replacement yet; that notice is silenced here, in one place, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs)
+
+
 def read_rows(units: list[dict], kind: str, inp: InputSpec, storage: Storage, skip=None):
-    """Dataset of canonical rows (scheduler/read.py), one Ray task per read unit, less the rows that `skip` (an
-    ObjectRef of a Skip, or None) drops."""
-    return _units_dataset(units).map_batches(
-        read_new_rows, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
-        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage, skip=skip))
+    """Dataset of canonical rows (scheduler/read.py), then the input columns they carry (input.keep_columns), one Ray
+    task per read unit, less the rows that `skip` (an ObjectRef of a Skip, or None) drops."""
+    return map_stage(
+        _units_dataset(units), read_new_rows, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
+        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage, skip=skip,
+                       keep_columns=_keep_columns(inp)))
 
 
 def read_id_hashes(units: list[dict], kind: str, inp: InputSpec, storage: Storage):
     """The driver's pre-pass: a Dataset of one row per read unit, {"unit": its index in `units`, "hashes": its rows'
-    ids as jobs.ids hashes in file order, 16 bytes each}; the id strings stay in the read tasks."""
-    return _units_dataset(units).map_batches(
-        unit_id_hashes, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
-        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage))
+    ids as jobs.ids hashes in file order, 16 bytes each, "problem": null, or why the unit cannot be read (a
+    read.InputError: a corrupt compressed file, a keep_columns column it lacks; the driver raises it)}; the id strings
+    stay in the read tasks. Where the input has ids, only they are read (read.unit_row_ids)."""
+    return map_stage(
+        _units_dataset(units), unit_id_hashes, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
+        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage,
+                       keep_columns=_keep_columns(inp)))
+
+
+def _keep_columns(inp: InputSpec) -> list[str] | None:
+    return None if inp.keep_columns is None else list(inp.keep_columns)
 
 
 def _units_dataset(units: list[dict]):
@@ -86,9 +115,10 @@ def _units_dataset(units: list[dict]):
     return ds
 
 
-def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage, skip=None) -> pa.Table:
-    """Read stage: one read unit (batch_size=1) -> its canonical rows, less those `skip` drops."""
-    rows = read_units(batch, kind, fmt, columns, storage)
+def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage, skip=None,
+                  keep_columns: list[str] | None = None) -> pa.Table:
+    """Read stage: one read unit (batch_size=1) -> its canonical rows and carried columns, less those `skip` drops."""
+    rows = read_units(batch, kind, fmt, columns, storage, keep_columns)
     if skip is None:
         return rows
     import ray
@@ -96,9 +126,17 @@ def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: 
     return rows.filter(pa.array(ray.get(skip).keep(batch.column("unit")[0].as_py(), rows.column("id").to_pylist())))
 
 
-def unit_id_hashes(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage) -> pa.Table:
-    ids = read_units(batch, kind, fmt, columns, storage).column("id").to_pylist()
-    return pa.table({"unit": batch.column("unit"), "hashes": pa.array([hash_ids(ids).tobytes()], pa.large_binary())})
+def unit_id_hashes(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage,
+                   keep_columns: list[str] | None = None) -> pa.Table:
+    """Pre-pass stage: one read unit (batch_size=1) -> {"unit", "hashes", "problem"}, the ids read_new_rows gives."""
+    assert batch.num_rows == 1, f"one read unit per pre-pass task, got {batch.num_rows}"
+    unit, ids, problem = batch.to_pylist()[0], [], None
+    try:
+        ids = [row_id for _, row_id in unit_row_ids(unit, kind, fmt, columns, storage, keep_columns)]
+    except InputError as e:  # as data: Ray would hand the driver only a traceback's text of it
+        problem = str(e)
+    return pa.table({"unit": batch.column("unit"), "hashes": pa.array([hash_ids(ids).tobytes()], pa.large_binary()),
+                     "problem": pa.array([problem], pa.string())})
 
 
 def bucket_by_question_length(batch: pa.Table) -> pa.Table:
@@ -111,24 +149,64 @@ def bucket_by_question_length(batch: pa.Table) -> pa.Table:
 
 
 def to_output_table(batch: pa.Table, kind: str) -> pa.Table:
-    """Worker output -> the documented output schema (jobs/output.py); the image columns become the `datasets`
-    Image struct {bytes, path}."""
-    columns = {name: batch.column(name).to_pylist() for name in batch.column_names}
+    """Worker output -> the documented output schema (jobs/output.py), then the passed-through input columns as they
+    came; the image columns become the `datasets` Image struct {bytes, path}."""
+    schema = SCHEMAS[kind]
+    worker_columns = set(schema.names) | {"image_bytes", "image_path"}
+    columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name in worker_columns}
     if kind == "t2i":
         columns["image"] = [None if b is None else {"bytes": b, "path": p}
                             for b, p in zip(columns.pop("image_bytes"), columns.pop("image_path"))]
-    schema = SCHEMAS[kind]
-    return pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in schema}, schema=schema)
+    table = pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in schema}, schema=schema)
+    for name in batch.column_names:
+        if name not in worker_columns:
+            table = table.append_column(batch.schema.field(name), batch.column(name))
+    return table
+
+
+def validate_rows(batch: pa.Table, kind: str, storage: Storage, params) -> pa.Table:
+    """The CPU validation stage (scheduler/validate.py) on the task's columns; any other column rides along."""
+    names = ROW_SCHEMAS[kind].names
+    rows = batch.select(names)
+    if kind == "t2i":
+        checked = validate_t2i(rows)
+    else:
+        checked = validate_vqa(rows, storage, max_image_pixels=params.max_image_pixels,
+                               max_image_bytes=params.max_image_bytes)
+    for name in batch.column_names:
+        if name not in names:
+            checked = checked.append_column(batch.schema.field(name), batch.column(name))
+    return checked
+
+
+class WorkerStartError(RuntimeError):
+    """A task's workers could not be built (the model, its files, the device): the first line of the real error and
+    the spec field to look at, instead of Ray's actor-death report."""
+
+    # The spec field to look at, by words in the worker's own error (first match wins)
+    FIELDS = (("artifact", "model.specialization"), ("flashu", "model.specialization"),
+              ("tokenizer", "model.tokenizer_path"), ("vae", "model.vae_path"), ("cuda", "model.device and "
+              "resources.gpus_per_worker"), ("checkpoint", "model.checkpoint"), ("weights", "model.checkpoint"))
+
+    def __init__(self, task_name: str, ray_message: str):
+        errors = [line.strip() for line in ray_message.splitlines()
+                  if re.match(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*?:", line)]
+        first = errors[-1] if errors else ray_message.strip().splitlines()[0]  # the innermost: the worker's own
+        field = next((f for word, f in self.FIELDS if word in first.lower()), "model")
+        super().__init__(f"task {task_name!r}: its workers could not start: {first[:500]} (check {field} in the "
+                         f"spec; nothing was run, committed rows are kept)")
 
 
 def explain_worker_deaths(batches, task_name: str):
     """The driver's stream of summaries, with a worker death that used up its retries (above) turned into a job error
     that says what happened and what to do; Ray's own message names only an actor id."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import OutOfMemoryError, RayActorError
 
     try:
         yield from batches
     except RayActorError as e:
+        if "creation task" in str(e):  # the actor never started: a setup problem, not a row
+            raise WorkerStartError(task_name, str(e)) from e
         said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise RuntimeError(
             f"task {task_name!r}: a worker process died and its retries are used up (a batch is retried "
@@ -136,9 +214,18 @@ def explain_worker_deaths(batches, task_name: str):
             f"times). A batch that keeps killing its worker holds a row that crashes the model process (out of "
             f"memory, a native crash): see the worker logs. Committed rows are kept; run the job again to retry the "
             f"rest. Ray: {said}") from e
+    except OutOfMemoryError as e:  # killed by its node's memory monitor, TASK_OOM_RETRIES re-runs used up
+        said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        stage = re.search(r"task name=([^,]+),", str(e))  # Ray names the killed task: the stage (fused) it ran
+        raise RuntimeError(
+            f"task {task_name!r}: the {stage.group(1) if stage else 'pipeline'} stage ran out of memory: Ray's memory "
+            f"monitor killed its process and the retries are used up (a task killed for memory is re-run at most "
+            f"{TASK_OOM_RETRIES} times, Ray's task_oom_retries). Give its nodes more memory or lower "
+            f"resources.batch_size / rows_per_file. Committed rows are kept; run the job again to retry the rest. "
+            f"Ray: {said}") from e
 
 
-def write_and_commit(batch: pa.Table, kind: str, root: str, storage: Storage, run_id: str) -> pa.Table:
+def write_and_commit(batch: pa.Table, output: TaskOutput, run_id: str) -> pa.Table:
     """Write stage: one Parquet file + its commit record per call -> one summary row."""
     if batch.num_rows == 0:
         return SUMMARY_SCHEMA.empty_table()
@@ -146,48 +233,50 @@ def write_and_commit(batch: pa.Table, kind: str, root: str, storage: Storage, ru
     if len(set(ids)) < len(ids):  # a re-executed worker task can repeat rows; one of each goes to the file
         first = {row_id: i for i, row_id in reversed(list(enumerate(ids)))}
         batch = batch.take(pa.array(sorted(first.values()), pa.int64()))
-    stats = TaskOutput(storage, root).write_and_commit(to_output_table(batch, kind), run_id)
+    stats = output.write_and_commit(batch, run_id)
     return pa.Table.from_pylist([stats], schema=SUMMARY_SCHEMA)
 
 
-def _common_tail(ds, spec: JobSpec, task, worker_cls, root: str, storage: Storage, run_id: str):
+def worker_kwargs(model: ModelSpec, params, resources: ResourcesSpec, storage: StorageSpec | None,
+                  job_id: str = "") -> dict:
+    """What a worker is built from: the model, the task's params, and from the resources only its GPU share and its
+    batch deadline (workers/t2i.py, workers/vqa.py). Small: Ray sends it to every actor it starts."""
+    return dict(model=model, params=params, storage=storage, gpus=resources.gpus_per_worker,
+                batch_timeout_s=resources.batch_timeout_s, job_id=job_id)
+
+
+def inference_stages(ds, kind: str, model: ModelSpec, params, resources: ResourcesSpec, storage: StorageSpec | None,
+                     *, job_id: str = "", worker_cls=None):
+    """Canonical rows (scheduler/read.py ROW_SCHEMAS, plus any other columns) -> output rows (jobs/output.py SCHEMAS,
+    plus the other columns): validate and decode on CPU, bucket VQA rows by question length, the worker pool."""
     import ray
 
-    res = task.resources
+    from flashu_batch.workers import T2IWorker, VQAWorker
+
+    worker_cls = worker_cls or (T2IWorker if kind == "t2i" else VQAWorker)
+    ds = map_stage(ds, validate_rows, batch_format="pyarrow", **CPU_STAGE,
+                   fn_kwargs=dict(kind=kind, storage=Storage(storage), params=params))
+    if kind == "vqa":  # shape buckets: a whole block sorted by question length before it is cut into batches
+        ds = map_stage(ds, bucket_by_question_length, batch_size=None, batch_format="pyarrow", **CPU_STAGE)
     # Blocks of one batch each (streaming, no shuffle): a read unit is one block of a whole file or row group, and
     # a map task emits its output only when the whole block is done; without this one big file would go through
     # one actor (the others idle) and commit nothing until its last row.
-    ds = ds.repartition(target_num_rows_per_block=res.batch_size)
-    ds = ds.map_batches(worker_cls, fn_constructor_kwargs=dict(spec=spec, task_name=task.task_name),
-                        resources=dict(res.custom),  # e.g. {"t2i": 1}: the pool goes only to t2i nodes
-                        compute=ray.data.ActorPoolStrategy(size=res.workers),  # the full pool from the start
-                        num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker, batch_size=res.batch_size,
-                        batch_format="pyarrow", max_restarts=ACTOR_MAX_RESTARTS,
-                        max_task_retries=ACTOR_MAX_TASK_RETRIES)
-    return ds.map_batches(write_and_commit, batch_size=task.rows_per_file, batch_format="pyarrow", **CPU_STAGE,
-                          fn_kwargs=dict(kind=task.kind, root=root, storage=storage, run_id=run_id))
+    ds = ds.repartition(target_num_rows_per_block=resources.batch_size)
+    ds = map_stage(ds, worker_cls, fn_constructor_kwargs=worker_kwargs(model, params, resources, storage, job_id),
+                   resources=dict(resources.custom),  # e.g. {"t2i": 1}: the pool goes only to t2i nodes
+                   compute=ray.data.ActorPoolStrategy(size=resources.workers),  # the full pool from the start
+                   num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker,
+                   batch_size=resources.batch_size, batch_format="pyarrow", max_restarts=ACTOR_MAX_RESTARTS,
+                   max_task_retries=ACTOR_MAX_TASK_RETRIES)
+    return map_stage(ds, to_output_table, batch_format="pyarrow", **CPU_STAGE, fn_kwargs=dict(kind=kind))
 
 
-def build_t2i_pipeline(spec: JobSpec, task: T2ITask, *, units: list[dict], root: str, storage: Storage,
-                       skip=None, run_id: str = "", worker_cls=None):
-    """The t2i task's Dataset of commit summaries (lazy: nothing runs until the driver iterates it)."""
-    from flashu_batch.workers import T2IWorker
-
-    ds = read_rows(units, "t2i", task.input, storage, skip)
-    ds = ds.map_batches(validate_t2i, batch_format="pyarrow", **CPU_STAGE)
-    return _common_tail(ds, spec, task, worker_cls or T2IWorker, root, storage, run_id)
-
-
-def build_vqa_pipeline(spec: JobSpec, task: VQATask, *, units: list[dict], root: str, storage: Storage,
-                       skip=None, run_id: str = "", worker_cls=None):
-    """The vqa task's Dataset of commit summaries; images are fetched and decoded in the CPU stage."""
-    from flashu_batch.workers import VQAWorker
-
-    ds = read_rows(units, "vqa", task.input, storage, skip)
-    ds = ds.map_batches(validate_vqa, batch_format="pyarrow", **CPU_STAGE,
-                        fn_kwargs=dict(storage=storage, max_image_pixels=task.params.max_image_pixels,
-                                       max_image_bytes=task.params.max_image_bytes))
-    # Shape buckets: a whole block (a file or row group) sorted by question length before it is cut into batches.
-    ds = ds.map_batches(bucket_by_question_length, batch_size=None, batch_format="pyarrow", **CPU_STAGE)
-    return _common_tail(ds, spec, task, worker_cls or VQAWorker, root, storage, run_id)
-
+def build_task_pipeline(spec, task, *, units: list[dict], output: TaskOutput, storage: Storage, skip=None,
+                        run_id: str = "", worker_cls=None):
+    """A job task's Dataset of commit summaries (lazy: nothing runs until the driver iterates it): its read units,
+    the inference stages, and the exactly-once writer."""
+    ds = read_rows(units, task.kind, task.input, storage, skip)
+    ds = inference_stages(ds, task.kind, spec.model, task.params, task.resources, spec.storage, job_id=spec.job_id,
+                          worker_cls=worker_cls)
+    return map_stage(ds, write_and_commit, batch_size=task.rows_per_file, batch_format="pyarrow", **CPU_STAGE,
+                     fn_kwargs=dict(output=output, run_id=run_id))

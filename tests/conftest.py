@@ -10,6 +10,11 @@ import torch
 # Keep the test session's local Ray on loopback (127.0.0.1) rather than the machine's network address; Ray reads this
 # when it is first imported (see scheduler/driver.py init_ray).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# No test reaches the Hugging Face Hub (there is no network here, and a test must not wait on one): Hub references
+# resolve from a test's own cache (tests/jobs/batch_testkit.py hub_cache) or fail at once. huggingface_hub reads
+# these when first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(__import__("tempfile").mkdtemp(prefix="flashu-test-hf-"), "hf"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The public golden set (the official code's reference vectors, tiny-a), kept in the repository so every parity test
@@ -19,7 +24,8 @@ GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "tests", "golden"
 
 @pytest.fixture(scope="session")
 def golden_dir() -> str:
-    missing = [p for p in ("cases.json", "cases.safetensors", "checkpoint") if not os.path.exists(os.path.join(GOLDEN, p))]
+    missing = [p for p in ("cases.json", "cases.safetensors", "checkpoint")
+               if not os.path.exists(os.path.join(GOLDEN, p))]
     assert not missing, f"golden set {GOLDEN!r} lacks {missing}"  # a failure, never a skip
     return GOLDEN
 
@@ -75,3 +81,28 @@ def make_tiny_model():
         return Showo2(config).eval().requires_grad_(False)
 
     return make
+
+
+# Tensor methods that read device data on the host (a sync on an accelerator). nonzero is one too: its output
+# shape depends on the data.
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero")
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """count_host_reads(fn) -> the number of host reads of tensor data while fn() runs (a CPU stand-in for
+    counting GPU->host syncs in a decoding loop)."""
+    def count(fn):
+        calls = [0]
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _original=original, **kwargs):
+                    calls[0] += 1
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            fn()
+        return calls[0]
+    return count

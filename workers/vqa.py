@@ -2,17 +2,20 @@
 
 from functools import partial
 
-from flashu_batch.jobs.spec import JobSpec
+from flashu_batch.jobs.spec import ModelSpec, StorageSpec, VQAParams
 from flashu_batch.jobs.storage import Storage
-from flashu_batch.workers.common import (DeadlineRunner, describe_error, exit_on_row_hook, load_pipeline, read_columns, run_rows,
-                            settings_json, to_batch)
+from flashu_batch.workers.common import (BatchSizer, DeadlineRunner, describe_error, exit_for_restart, load_pipeline,
+                                         passthrough_columns, read_columns, row_seed, run_rows, settings_json,
+                                         to_table)
 from flashu_batch.workers.images import ImageError, decode_image
 
 
 class VQAWorker:
-    """A Ray Data actor for visual question answering. `__init__` loads the model once; `__call__(batch) -> batch`.
+    """A Ray Data actor for visual question answering. `__init__` loads the model once;
+    `__call__(batch) -> pyarrow.Table`.
 
-    Callable without Ray on a dict of numpy arrays, a pandas DataFrame or a pyarrow Table (see INPUT_COLUMNS).
+    Built from the model and the task's params only. Callable without Ray on a dict of numpy arrays, a pandas
+    DataFrame or a pyarrow Table (see INPUT_COLUMNS); columns it neither reads nor writes pass through unchanged.
     """
 
     INPUT_COLUMNS = {
@@ -23,31 +26,41 @@ class VQAWorker:
         "image_sha256": "hash of image_bytes (str) or null; passed through",
         "error": "null, or why the row already failed (the row is then passed through untouched)",
     }
-    OUTPUT_COLUMNS = ("id", "question", "image_path", "image_sha256", "answer", "num_tokens", "model", "latency_s",
-                      "error")
+    OPTIONAL_COLUMNS = {
+        "seed": "the row's own sampling seed (int >= 0) or null (a hash of job_id and id); read when temperature > 0",
+    }
+    OUTPUT_COLUMNS = ("id", "question", "image_path", "image_sha256", "answer", "num_tokens", "seed", "model",
+                      "latency_s", "error")
+    exit_process = staticmethod(exit_for_restart)  # after a fatal CUDA error (run_rows); tests replace it
 
-    def __init__(self, spec: JobSpec, task_name: str):
+    def __init__(self, model: ModelSpec, params: VQAParams, *, storage: StorageSpec | None = None,
+                 gpus: float = 0.0, batch_timeout_s: float | None = None, job_id: str = ""):
+        """gpus: the actor's GPU share (model.device 'auto' picks cuda when > 0); job_id: part of every derived
+        sampling seed (row_seed; greedy decoding, the default, needs none)."""
         import torch  # noqa: F401 -- heavy imports live in the actor, not in the driver that pickles this class
 
         from flashu_batch.showo2.vqa import greedy_answers
 
-        task = spec.task(task_name)
-        assert task.kind == "vqa", f"VQAWorker runs vqa tasks, got {task.kind!r} task {task_name!r}"
-        self.params = task.params
-        self.pipe, self.specialist = load_pipeline(spec.model, "vqa", Storage(spec.storage),
-                                                   task.resources.gpus_per_worker)
+        self.job_id, self.params = job_id, params
+        self.pipe, self.specialist = load_pipeline(model, "vqa", Storage(storage), gpus)
         self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"] if self.specialist else greedy_answers
         self.max_positions = self.pipe.model.config.llm["max_position_embeddings"]
-        self.runner = DeadlineRunner(task.resources.batch_timeout_s)
-        self.settings = settings_json(spec.model, str(self.pipe.device), self.specialist,
-                                      max_new_tokens=self.params.max_new_tokens, layout=self.params.layout)
+        self.runner = DeadlineRunner(batch_timeout_s)
+        self.sizer = BatchSizer()  # the batch size that fits this GPU, once an OOM has shown it
+        # temperature and top_p are recorded only when sampling: greedy rows keep exactly the settings they had
+        sampling = dict(temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else {}
+        self.settings = settings_json(model, str(self.pipe.device), self.specialist,
+                                      max_new_tokens=self.params.max_new_tokens, layout=self.params.layout,
+                                      **sampling)
 
     def __call__(self, batch):
-        cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__)
-        exit_on_row_hook(cols["id"])  # tests only: inert unless FLASHU_TEST_EXIT_ON_ROW is set
+        cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__, self.OPTIONAL_COLUMNS)
         n = len(cols["id"])
         out = {k: [None] * n for k in self.OUTPUT_COLUMNS}
         out.update({k: cols[k] for k in ("id", "question", "image_path", "image_sha256")}, error=list(cols["error"]))
+        if self.params.temperature > 0:  # greedy answers need no seed: the column stays null
+            out["seed"] = [None if row_id is None else row_seed(self.job_id, row_id, given)
+                           for row_id, given in zip(cols["id"], cols["seed"])]
         images = {}
         for i in range(n):
             if out["error"][i] is not None:
@@ -62,7 +75,8 @@ class VQAWorker:
                 out["error"][i] = str(e)
         if images:
             self.answer(list(images), images, cols["question"], out)
-        return to_batch(out, n, type(self).__name__)
+        return to_table(out, n, type(self).__name__, passthrough_columns(batch, {*self.INPUT_COLUMNS,
+                                                                                 *self.OUTPUT_COLUMNS}))
 
     def question_problem(self, question) -> str | None:
         """A question too long for the model's positions, as a row error (checked per row: the model would fail
@@ -83,9 +97,13 @@ class VQAWorker:
                 f"{self.params.max_new_tokens}); shorten it")
 
     def answer(self, todo: list[int], images: dict, questions: list, out: dict) -> None:
-        """Answer the rows `todo` as one batch (one by one if the batch fails; see workers.common.run_rows)."""
+        """Answer the rows `todo` as one batch (in halves on CUDA OOM, one by one if the batch fails otherwise; see
+        workers.common.run_rows)."""
         def run(rows):
-            return self.runner.run(self.answer_batch, [images[i] for i in rows], [questions[i] for i in rows])
+            args = [[images[i] for i in rows], [questions[i] for i in rows]]
+            if self.params.temperature > 0:  # greedy: answer_batch(images, questions), the call it always was
+                args.append([out["seed"][i] for i in rows])
+            return self.runner.run(self.answer_batch, *args)
 
         def record(rows, results, latency):
             answers, token_ids = results
@@ -93,13 +111,14 @@ class VQAWorker:
                 out["answer"][i], out["num_tokens"][i] = answer, len(ids)
                 out["model"][i], out["latency_s"][i] = self.settings, latency
 
-        run_rows(todo, run, record, partial(self.fail, out=out))
+        run_rows(todo, run, record, partial(self.fail, out=out), self.sizer, self.exit_process)
 
     def fail(self, rows: list[int], error: BaseException, latency: float, out: dict) -> None:
         for i in rows:
             out["error"][i], out["model"][i], out["latency_s"][i] = describe_error(error), self.settings, latency
 
-    def answer_batch(self, images: list, questions: list[str]) -> tuple[list[str], list[list[int]]]:
+    def answer_batch(self, images: list, questions: list[str],
+                     seeds: list[int | None] | None = None) -> tuple[list[str], list[list[int]]]:
         captured = []
 
         def decode(*args, **kwargs):  # keeps the token ids: num_tokens counts what the model generated
@@ -107,6 +126,9 @@ class VQAWorker:
             captured.append(ids)
             return ids
 
+        sampling = {}  # greedy (temperature 0): the pipeline is called exactly as before sampling existed
+        if self.params.temperature > 0:
+            sampling = dict(temperature=self.params.temperature, top_p=self.params.top_p, seeds=seeds)
         answers = self.pipe.answer(images, questions, max_new_tokens=self.params.max_new_tokens,
-                                   layout=self.params.layout, decode_fn=decode)
+                                   layout=self.params.layout, decode_fn=decode, **sampling)
         return answers, captured[0]

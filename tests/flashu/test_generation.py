@@ -11,7 +11,8 @@ from torch import nn
 import flashu_batch.flashu.generation as generation
 from flashu_batch.flashu.config import FlashUGenerationConfig
 from flashu_batch.flashu.ffn_prune import kept_width
-from flashu_batch.flashu.generation import (GenerationSpecialist, calibrate_generation, pruned_widths, specialize_generation)
+from flashu_batch.flashu.generation import (GenerationSpecialist, calibrate_generation, pruned_widths,
+                                            specialize_generation)
 from flashu_batch.flashu.plan import generation_plan
 from flashu_testkit import DEEP, MAX_SEQ_LEN, OFF, SMALL, TOKENS, baseline_latents, random_prompts, rel_rms, \
     t2i_batch

@@ -2,7 +2,7 @@
 
 import torch
 
-from flashu_batch.flashu.config import FlashUUnderstandingConfig
+from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu_batch.flashu.ffn_prune import kept_widths
 from flashu_batch.flashu.generation import calibrate_generation
 from flashu_batch.flashu.understanding import (UnderstandingSpecialist, calibrate_understanding, kept_token_indices,
@@ -145,7 +145,7 @@ def test_skipped_layers_still_write_their_cache(make_tiny_model, monkeypatch):
                for i, layer in enumerate(model.showo.model.layers)]
     lengths = {}
     import flashu_batch.flashu.understanding as understanding
-    real_cache = understanding.DynamicCache
+    real_cache = understanding.DecodeKVCache
 
     class Spy(real_cache):
         def update(self, k, v, layer_idx, *args, **kwargs):
@@ -153,7 +153,7 @@ def test_skipped_layers_still_write_their_cache(make_tiny_model, monkeypatch):
             lengths[layer_idx] = out[0].shape[2]
             return out
 
-    monkeypatch.setattr(understanding, "DynamicCache", Spy)
+    monkeypatch.setattr(understanding, "DecodeKVCache", Spy)
     ids = answers(spec, rows, latents, n=7)
     for h in handles:
         h.remove()
@@ -167,7 +167,7 @@ def test_understanding_calibration_is_its_own(make_tiny_model):
     rows, latents = batch(model, [4, 9, 2], seed=7)
     und = calibrate_understanding(model, rows, latents, TOKENS.pad)
     gen = calibrate_generation(model, [[5] * 6, [9] * 3], TOKENS,
-                               __import__("flashu_batch.flashu.config").flashu.config.FlashUGenerationConfig(calibration_steps=3),
+                               FlashUGenerationConfig(calibration_steps=3),
                                max_seq_len=40)
     assert len(und) == 8 and all(u.shape == (256,) for u in und)
     assert any(not torch.equal(u.argsort(), g.argsort()) for u, g in zip(und, gen))
@@ -191,3 +191,27 @@ def test_token_pruning_floor_leaves_full_size_grids_alone():
     config = FlashUUnderstandingConfig()
     n = 729  # 27 x 27 tokens of the 432-px release
     assert config.token_prune_min_kept < n - int(config.token_prune_ratio * n)
+
+
+def test_one_host_read_per_generated_token(make_tiny_model, count_host_reads, monkeypatch):
+    """With layer skipping off the specialist decodes like the baseline: one host read (`done.all()`) per token,
+    and no layer scoring; with token pruning on, the key masks are built once per batch (one per key layout:
+    before and after pruning), not per step."""
+    model = deep(make_tiny_model, seed=9)
+    rows, latents = batch(model, [3, 8], seed=9)
+    spec = specialist(model, ffn_prune_ratio=0.25, token_prune_ratio=0.5)
+    import flashu_batch.flashu.understanding as understanding
+    calls = {"importance": 0, "masks": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(understanding, "last_token_importance",
+                        counting("importance", understanding.last_token_importance))
+    monkeypatch.setattr(understanding, "decode_key_mask", counting("masks", understanding.decode_key_mask))
+    reads = [count_host_reads(lambda: answers(spec, rows, latents, n=n)) for n in (3, 8)]
+    assert reads[1] - reads[0] == 5
+    assert calls == {"importance": 0, "masks": 4}  # two batches, two key layouts each

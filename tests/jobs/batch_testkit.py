@@ -94,3 +94,48 @@ def png_bytes(color=(255, 0, 0), size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def build_worker(worker_cls, spec, task_name: str):
+    """A worker built as the pipeline builds it: from the spec's model and the task's params and resources."""
+    from flashu_batch.scheduler.pipeline import worker_kwargs
+
+    task = spec.task(task_name)
+    return worker_cls(**worker_kwargs(spec.model, task.params, task.resources, spec.storage, spec.job_id))
+
+
+def run(worker, batch) -> dict:
+    """A worker's output on `batch` as {column: list}."""
+    return worker(batch).to_pydict()
+
+
+def hub_cache(root: str, repo_id: str, folder: str) -> tuple[str, str]:
+    """Put `folder`'s files into a Hugging Face cache under `root` as the Hub repository `repo_id` at its main branch,
+    in the layout huggingface_hub writes (hub/models--org--name/{blobs/<sha256>, snapshots/<commit>/<path> -> relative
+    links to the blobs, refs/main}), so that HF_HOME=<hf_home> with HF_HUB_OFFLINE=1 loads it with no network.
+    Returns (hf_home, commit); the commit is derived from the files, so the same folder always gets the same one.
+    Several repositories may share one root."""
+    import hashlib
+    import shutil
+
+    files = sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+    digests = {}
+    for rel in files:
+        with open(os.path.join(folder, rel), "rb") as f:
+            digests[rel] = hashlib.sha256(f.read()).hexdigest()
+    commit = hashlib.sha1("".join(f"{rel}\0{digests[rel]}\n" for rel in files).encode()).hexdigest()
+    hf_home = os.path.join(root, "hf_home")
+    repo = os.path.join(hf_home, "hub", "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    for rel in files:
+        blob = os.path.join(repo, "blobs", digests[rel])
+        if not os.path.exists(blob):
+            shutil.copyfile(os.path.join(folder, rel), blob)
+        link = os.path.join(repo, "snapshots", commit, rel)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)  # no newline, as huggingface_hub writes it
+    return hf_home, commit

@@ -15,16 +15,16 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from batch_testkit import spec_dict
-from flashu_batch.jobs.output import HOLD_BEFORE_COMMIT_ENV, read_output
+from flashu_batch.jobs.output import read_output
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler.driver import run_job
 from flashu_batch.scheduler.pipeline import ACTOR_MAX_TASK_RETRIES, RETRIED_STORAGE_ERRORS
-from flashu_batch.workers.common import EXIT_MARKER_ENV, EXIT_ON_ROW_ENV
 
 N = 12
 
@@ -59,16 +59,26 @@ def pq_rows(storage: Storage, uri: str) -> int:
     return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
 
 
-def hooked_worker(env: dict):
-    """The real T2IWorker, with the test hook's settings in its actor process (and in every restart of it)."""
+def exiting_worker(row: str, marker: str | None = None):
+    """The real T2IWorker, hard-exiting its process (as an OOM kill or a segfault would: no exception, no cleanup)
+    when a batch holds `row`: once when `marker` is given (the restarted actor goes on), else every time (a poison
+    row)."""
     from flashu_batch.workers import T2IWorker
 
-    class HookedT2IWorker(T2IWorker):  # defined here, so Ray ships it by value to the actor
-        def __init__(self, *args, **kwargs):
-            os.environ.update(env)
-            super().__init__(*args, **kwargs)
+    def first_time() -> bool:  # across processes: the first caller creates the marker file
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
 
-    return HookedT2IWorker
+    class ExitingT2IWorker(T2IWorker):  # defined here, so Ray ships it (and first_time) by value to the actor
+        def __call__(self, batch):
+            if row in batch.column("id").to_pylist() and (marker is None or first_time()):
+                os._exit(75)
+            return super().__call__(batch)
+
+    return ExitingT2IWorker
 
 
 def test_a_worker_killed_mid_batch_restarts_and_the_same_run_finishes(ray_session, checkpoint, tmp_path):
@@ -76,8 +86,7 @@ def test_a_worker_killed_mid_batch_restarts_and_the_same_run_finishes(ray_sessio
     spec = parse_spec(t2i_spec("killed-worker", checkpoint, write_prompts(storage, str(tmp_path)),
                                str(tmp_path / "out")))
     marker = tmp_path / "exited"
-    results = run_job(spec, worker_classes={"t2i": hooked_worker({EXIT_ON_ROW_ENV: "r05",
-                                                                  EXIT_MARKER_ENV: str(marker)})})
+    results = run_job(spec, worker_classes={"t2i": exiting_worker("r05", str(marker))})
     assert marker.exists()  # the worker process did exit on r05's batch
     assert results["t2i"]["rows"] == N and results["t2i"]["errors"] == 0
     assert results["t2i"]["metrics"]["rows_this_run"] == N  # one run: the killed batch was retried, not lost
@@ -90,11 +99,8 @@ def test_a_poison_row_fails_the_job_after_bounded_retries_and_keeps_the_rest(ray
     deaths = tmp_path / "deaths"
     deaths.mkdir()
 
-    from flashu_batch.workers import T2IWorker
-
-    class CountingT2IWorker(T2IWorker):  # every actor start leaves a file: restarts are counted
+    class CountingT2IWorker(exiting_worker("r03")):  # every actor start leaves a file: restarts are counted
         def __init__(self, *args, **kwargs):
-            os.environ[EXIT_ON_ROW_ENV] = "r03"  # no marker: the row kills its worker every time
             open(os.path.join(str(deaths), f"start-{time.time_ns()}"), "w").close()
             super().__init__(*args, **kwargs)
 
@@ -141,16 +147,16 @@ def kill_pids(pids: list[int]) -> None:
 
 
 def test_a_driver_killed_between_a_data_file_and_its_commit_then_rerun(ray_session, checkpoint, tmp_path):
-    """`flashu-batch run` in its own process with its own local Ray; the first write stops after its data file, the
+    """A job driver in its own process with its own local Ray; the first write stops after its data file, the
     test kills the driver there (SIGKILL: no cleanup), and a re-run finishes. The orphan data file is never read."""
     storage = Storage()
     raw = t2i_spec("driver-killed", checkpoint, write_prompts(storage, str(tmp_path), n=6), str(tmp_path / "out"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     marker = tmp_path / "held"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
-    env[HOLD_BEFORE_COMMIT_ENV] = str(marker)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "held_commit_driver.py")
     with open(tmp_path / "driver.log", "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "flashu_batch.app.cli", "run", str(tmp_path / "job.yaml"), "--quiet"],
+        driver = subprocess.Popen([sys.executable, script, str(tmp_path / "job.yaml"), str(marker)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     family = []
     try:
@@ -168,19 +174,23 @@ def test_a_driver_killed_between_a_data_file_and_its_commit_then_rerun(ray_sessi
 
     root = join(str(tmp_path / "out"), "driver-killed", "t2i")
     committed_files = {r["file"] for r in
-                       (json.loads(storage.read_bytes(f["uri"])) for f in storage.list(join(root, "_commits")))}
-    orphans = [f["uri"] for f in storage.list(join(root, "data"))
-               if f["uri"].split(root + "/", 1)[1] not in committed_files]
-    assert len(orphans) == 1 and pq_rows(storage, orphans[0]) == 2  # the held write: data, no commit record
+                       (json.loads(storage.read_bytes(f["uri"])) for f in storage.list(join(root, ".flashu/commits")))}
+    published = {f["uri"].split(root + "/", 1)[1] for f in storage.list(join(root, "data"))}
+    assert published == committed_files  # what a glob over data/ sees: committed files only
+    orphans = [f["uri"] for f in storage.list(join(root, ".flashu/staging"))]
+    assert len(orphans) == 1 and pq_rows(storage, orphans[0]) == 2  # the held write: staged, no commit record
     assert not storage.exists(join(root, "_SUCCESS"))
     before = read_output(storage, root).column("id").to_pylist()
     assert len(before) == len(set(before)) < 6  # readers see committed rows only
+    if published:  # a plain Parquet reader sees the same (there is no folder to read before a first commit)
+        assert sorted(pq.read_table(root).column("id").to_pylist()) == sorted(before)
 
     results = run_job(parse_spec(raw))  # the re-run (here, on the session's Ray)
     assert results["t2i"]["metrics"]["skipped"] == len(before)
     check_every_id_once(storage, root, n=6)
     listed = {f["file"] for f in json.loads(storage.read_bytes(join(root, "_SUCCESS")))["files"]}
-    assert orphans[0].split(root + "/", 1)[1] not in listed  # never read; removed once older than ORPHAN_GRACE_S
+    assert {f["uri"].split(root + "/", 1)[1] for f in storage.list(join(root, "data"))} == listed
+    assert sorted(pq.read_table(root).column("id").to_pylist()) == [f"r{i:02d}" for i in range(6)]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from flashu_batch.jobs.ids import HASH, hash_ids
-from flashu_batch.jobs.output import T2I_SCHEMA, read_output
+from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput, read_output
 from flashu_batch.jobs.storage import Storage
 from flashu_batch.scheduler.pipeline import Skip, to_output_table, write_and_commit
 
@@ -13,7 +13,8 @@ def t2i_rows(ids) -> pa.Table:
     n = len(ids)
     return pa.table({"id": ids, "prompt": ["p"] * n, "seed": list(range(n)), "image_bytes": [b"png"] * n,
                      "image_path": [f"{i}.png" for i in ids], "width": [64] * n, "height": [64] * n,
-                     "model": ["{}"] * n, "latency_s": [0.5] * n, "error": pa.array([None] * n, pa.string())})
+                     "model": ["{}"] * n, "latency_s": [0.5] * n, "error": pa.array([None] * n, pa.string()),
+                     "negative_prompt": pa.array([None] * n, pa.string()), "image_index": [0] * n})
 
 
 def test_skip_drops_committed_ids_and_later_rows_of_repeated_ids():
@@ -33,11 +34,20 @@ def test_output_table_has_the_documented_schema_and_image_struct():
     assert to_output_table(failed, "t2i").column("image").to_pylist() == [None]
 
 
+def test_output_table_keeps_other_columns_as_they_came_after_the_documented_ones():
+    extra = pa.array([{"url": "http://x/a", "n": 1}], pa.struct([("url", pa.string()), ("n", pa.int16())]))
+    table = to_output_table(t2i_rows(["a"]).append_column("source", extra), "t2i")
+    assert table.schema.names == T2I_SCHEMA.names + ["source"]
+    assert table.schema.field("source").type == extra.type  # the type as it came, not a re-inferred one
+    assert table.column("source").to_pylist() == [{"url": "http://x/a", "n": 1}]
+
+
 def test_write_stage_keeps_one_row_per_id(tmp_path):
-    summary = write_and_commit(t2i_rows(["a", "b", "a"]), "t2i", str(tmp_path), Storage(), "run").to_pylist()
-    assert summary == [dict(file=summary[0]["file"], rows=2, errors=0, committed=True)]
+    output = TaskOutput(Storage(), str(tmp_path))
+    summary = write_and_commit(to_output_table(t2i_rows(["a", "b", "a"]), "t2i"), output, "run").to_pylist()
+    assert summary == [dict(file=summary[0]["file"], rows=2, errors=0, committed=True, this_run=True)]
     assert read_output(Storage(), str(tmp_path)).column("id").to_pylist() == ["a", "b"]
-    assert write_and_commit(t2i_rows([])[:0], "t2i", str(tmp_path), Storage(), "run").num_rows == 0
+    assert write_and_commit(to_output_table(t2i_rows([])[:0], "t2i"), output, "run").num_rows == 0
 
 
 def test_vqa_blocks_are_bucketed_by_question_length():

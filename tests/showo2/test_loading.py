@@ -1,5 +1,6 @@
 """Tests for showo2.loading (load_showo2, save_showo2) and showo2.checkpoint: strict loading errors, round trips
-through every weight layout, the golden checkpoint (.bin vs safetensors, tied head, bf16); s3:// fetching is tests/jobs/test_fetch.py."""
+through every weight layout, the golden checkpoint (.bin vs safetensors, tied head, bf16). s3:// fetching: tests/jobs/
+test_fetch.py."""
 
 import json
 import os

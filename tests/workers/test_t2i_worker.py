@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from batch_testkit import spec_dict
+from batch_testkit import build_worker, run, spec_dict
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.workers import T2IWorker
 from flashu_batch.workers.common import row_seed
@@ -23,7 +23,7 @@ def make_worker(checkpoint, params=None, resources=None, specialist=None):
     raw = spec_dict("job-w", checkpoint, [task])
     if specialist:
         raw["model"]["specialization"] = dict(t2i=specialist)
-    return T2IWorker(parse_spec(raw), "t2i")
+    return build_worker(T2IWorker, parse_spec(raw), "t2i")
 
 
 def batch(ids, prompts, seeds=None, errors=None) -> dict:
@@ -39,7 +39,7 @@ def worker(checkpoint):
 
 
 def test_rows_in_rows_out_with_pngs_seeds_and_settings(worker):
-    out = worker(batch(["a", "b"], ["a red circle", "a blue square"], seeds=[7, np.nan]))
+    out = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[7, np.nan]))
     assert list(out["id"]) == ["a", "b"] and all(len(v) == 2 for v in out.values())
     assert list(out["seed"]) == [7, row_seed("job-w", "b")]
     for i in range(2):
@@ -56,16 +56,16 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def test_reruns_reproduce_the_same_image_per_row(worker):
-    first = worker(batch(["x", "y"], ["a fox", "a cat"]))
-    assert worker(batch(["x", "y"], ["a fox", "a cat"]))["image_bytes"].tolist() == first["image_bytes"].tolist()
-    alone = worker(batch(["y"], ["a cat"]))  # another batch: same seed, so the same image up to float rounding
+    first = run(worker, batch(["x", "y"], ["a fox", "a cat"]))
+    assert run(worker, batch(["x", "y"], ["a fox", "a cat"]))["image_bytes"] == first["image_bytes"]
+    alone = run(worker, batch(["y"], ["a cat"]))  # another batch: same seed, so the same image up to float rounding
     assert np.abs(pixels(alone["image_bytes"][0]) - pixels(first["image_bytes"][1])).max() <= 2
     assert first["image_bytes"][0] != first["image_bytes"][1]
 
 
 def test_error_rows_pass_through_and_a_bad_row_fails_alone(checkpoint):
     worker = make_worker(checkpoint, params=dict(steps=2, truncate=False))
-    out = worker(batch(["ok", "upstream", "long", "bad"], ["a red circle", "whatever", "red " * 400, 5],
+    out = run(worker, batch(["ok", "upstream", "long", "bad"], ["a red circle", "whatever", "red " * 400, 5],
                        errors=[None, "prompt is empty", None, None]))
     assert out["error"][0] is None and out["image_bytes"][0] is not None
     assert out["error"][1] == "prompt is empty" and out["image_bytes"][1] is None and out["latency_s"][1] is None
@@ -77,25 +77,60 @@ def test_error_rows_pass_through_and_a_bad_row_fails_alone(checkpoint):
 
 def test_pandas_and_arrow_batches(worker):
     rows = batch(["p"], ["a red circle"], seeds=[3])
-    expected = worker(rows)["image_bytes"][0]
+    expected = run(worker, rows)["image_bytes"][0]
     frame = pd.DataFrame({k: list(v) for k, v in rows.items()})
-    assert worker(frame)["image_bytes"][0] == expected
+    assert run(worker, frame)["image_bytes"][0] == expected
     table = pa.table({"id": ["p"], "prompt": ["a red circle"], "seed": pa.array([3], pa.int64()),
                       "error": pa.array([None], pa.string())})
-    assert worker(table)["image_bytes"][0] == expected
+    assert run(worker, table)["image_bytes"][0] == expected
 
 
 def test_missing_columns_are_named(worker):
     with pytest.raises(ValueError, match=r"Required input columns \['prompt', 'seed'\] not found at the input of "
                                          r"T2IWorker. Input columns: \['id', 'error'\]"):
-        worker({"id": np.array(["a"], dtype=object), "error": np.array([None], dtype=object)})
+        run(worker, {"id": np.array(["a"], dtype=object), "error": np.array([None], dtype=object)})
 
 
 def test_a_batch_past_its_timeout_comes_back_as_error_rows(checkpoint):
     worker = make_worker(checkpoint, params=dict(steps=20),
                          resources=dict(gpus_per_worker=0, cpus_per_worker=0.5, batch_timeout_s=0.05))
-    out = worker(batch(["a", "b"], ["a red circle", "a fox"]))
+    out = run(worker, batch(["a", "b"], ["a red circle", "a fox"]))
     assert all("batch_timeout_s=0.05" in e for e in out["error"]) and list(out["id"]) == ["a", "b"]
     worker.runner.timeout_s = 600  # the next batch waits for the abandoned call, then runs normally
-    out = worker(batch(["c"], ["a cat"]))
+    out = run(worker, batch(["c"], ["a cat"]))
     assert out["error"][0] is None and out["image_bytes"][0]
+
+
+def test_other_columns_pass_through_unchanged(worker):
+    meta = pa.array([{"url": "http://x/1", "license": "cc-by"}], pa.struct([("url", pa.string()),
+                                                                             ("license", pa.string())]))
+    table = pa.table({"id": ["p"], "prompt": ["a red circle"], "seed": pa.array([3], pa.int64()),
+                      "error": pa.array([None], pa.string()), "meta": meta, "rank": pa.array([7], pa.int8())})
+    out = worker(table)
+    assert out.column_names[-2:] == ["meta", "rank"]
+    assert out.schema.field("meta").type == meta.type and out.schema.field("rank").type == pa.int8()
+    assert out.column("meta").to_pylist() == [{"url": "http://x/1", "license": "cc-by"}]
+    assert out.column("image_bytes")[0].as_py() == run(worker, table.select(["id", "prompt", "seed", "error"]))[
+        "image_bytes"][0]  # the extra columns change nothing about the image
+
+
+def test_each_prompt_is_tokenized_once(checkpoint, monkeypatch):
+    """The worker checks each prompt's length and then generates with it: one tokenizer call per distinct text
+    (num_images_per_prompt copies included), and the same images as with a fresh tokenization."""
+    worker = make_worker(checkpoint, params=dict(steps=2, guidance_scale=3.0, num_images_per_prompt=2))
+    expected = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[1, 2]))["image_bytes"]
+    worker.pipe.text_ids_memo.clear()
+    tokenizer, texts = worker.pipe.tokenizer, []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            texts.append(text)
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(worker.pipe, "tokenizer", Counting())
+    out = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[1, 2]))
+    assert out["image_bytes"] == expected
+    assert sorted(texts) == ["a blue square", "a red circle"]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from batch_testkit import png_bytes, spec_dict
+from batch_testkit import build_worker, png_bytes, run, spec_dict
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.workers import T2IWorker, VQAWorker
 
@@ -16,7 +16,7 @@ def make_worker(checkpoint, specialist=None, max_new_tokens=4):
     raw = spec_dict("job-v", checkpoint, [task])
     if specialist:
         raw["model"]["specialization"] = dict(vqa=specialist)
-    return VQAWorker(parse_spec(raw), "vqa")
+    return build_worker(VQAWorker, parse_spec(raw), "vqa")
 
 
 def batch(ids, questions, images, errors=None) -> dict:
@@ -32,7 +32,7 @@ def worker(checkpoint):
 
 
 def test_answers_token_counts_and_pass_through(worker):
-    out = worker(batch(["a", "b", "c", "d"], ["what color", "what shape is this", "q", "how many"],
+    out = run(worker, batch(["a", "b", "c", "d"], ["what color", "what shape is this", "q", "how many"],
                        [png_bytes(), png_bytes((0, 0, 255), (64, 64)), None, b"not an image"],
                        errors=[None, None, "image is missing", None]))
     assert list(out["id"]) == ["a", "b", "c", "d"] and all(len(v) == 4 for v in out.values())
@@ -46,14 +46,14 @@ def test_answers_token_counts_and_pass_through(worker):
 
 
 def test_answers_do_not_depend_on_the_batch(worker):
-    together = worker(batch(["a", "b"], ["what color", "what shape"], [png_bytes(), png_bytes((0, 255, 0))]))
-    alone = worker(batch(["b"], ["what shape"], [png_bytes((0, 255, 0))]))
+    together = run(worker, batch(["a", "b"], ["what color", "what shape"], [png_bytes(), png_bytes((0, 255, 0))]))
+    alone = run(worker, batch(["b"], ["what shape"], [png_bytes((0, 255, 0))]))
     assert alone["answer"][0] == together["answer"][1]
 
 
 def test_missing_columns_are_named(worker):
     with pytest.raises(ValueError, match=r"\['image_bytes'\] not found at the input of VQAWorker"):
-        worker({k: v for k, v in batch(["a"], ["q"], [png_bytes()]).items() if k != "image_bytes"})
+        run(worker, {k: v for k, v in batch(["a"], ["q"], [png_bytes()]).items() if k != "image_bytes"})
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +75,18 @@ def artifacts(checkpoint, tmp_path_factory):
 
 
 def test_workers_run_their_specialists(checkpoint, artifacts):
-    t2i = T2IWorker(parse_spec(dict(spec_dict("job-s", checkpoint, [
+    t2i = build_worker(T2IWorker, parse_spec(dict(spec_dict("job-s", checkpoint, [
         dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output="out")]),
         model=dict(checkpoint=checkpoint, dtype="float32", device="cpu",
                    specialization=dict(t2i=str(artifacts / "t2i"))))), "t2i")
-    out = t2i({"id": np.array(["a"], dtype=object), "prompt": np.array(["a red circle"], dtype=object),
+    out = run(t2i, {"id": np.array(["a"], dtype=object), "prompt": np.array(["a red circle"], dtype=object),
                "seed": np.array([1]), "error": np.array([None], dtype=object)})
     settings = json.loads(out["model"][0])
     assert out["error"][0] is None and out["width"][0] == 64
     assert settings["steps"] == 5 and settings["specialist"] == str(artifacts / "t2i")
     assert settings["flashu"]["num_inference_steps"] == 5
     vqa = make_worker(checkpoint, specialist=str(artifacts / "vqa"))
-    out = vqa(batch(["a"], ["what color"], [png_bytes()]))
+    out = run(vqa, batch(["a"], ["what color"], [png_bytes()]))
     assert out["error"][0] is None and isinstance(out["answer"][0], str)
     assert json.loads(out["model"][0])["flashu"]["calibration_samples"] == 2
 
@@ -98,11 +98,11 @@ def test_specialize_on_start_calibrates_in_the_worker(checkpoint):
     raw["model"]["specialization"] = dict(t2i="on_start")
     spec = parse_spec(raw)
     assert spec.model.specialization.t2i == "on_start"  # not resolved as a path
-    first, second = T2IWorker(spec, "t2i"), T2IWorker(spec, "t2i")
+    first, second = build_worker(T2IWorker, spec, "t2i"), build_worker(T2IWorker, spec, "t2i")
     assert first.specialist is not None and first.specialist.ffn_widths == second.specialist.ffn_widths
     rows = {"id": np.array(["a"], dtype=object), "prompt": np.array(["a red circle"], dtype=object),
             "seed": np.array([1]), "error": np.array([None], dtype=object)}
-    out_first, out_second = first(rows), second(rows)
+    out_first, out_second = run(first, rows), run(second, rows)
     assert out_first["error"][0] is None
     assert out_first["image_bytes"][0] == out_second["image_bytes"][0]  # both actors made the same specialist
     assert json.loads(out_first["model"][0])["steps"] == 35
