@@ -4,6 +4,11 @@ import argparse
 import sys
 
 JOBS_API_COMMANDS = ("submit", "status", "logs")  # talk to a cluster's Jobs API: its failures exit 1
+EXIT_LEASED = 3  # the job is already running: another driver holds its lease (jobs/lease.py)
+ALLOW_CHANGED_HELP = ("run even though settings that change results (model sources, dtype, FlashU artifacts, "
+                      "params) differ from the ones the job's output was made with (refused otherwise, exit 2); "
+                      "committed rows keep the old settings, .flashu/settings.json takes the new ones and "
+                      "metrics.json records the change")
 
 
 def cmd_parity(args) -> int:
@@ -19,8 +24,10 @@ def cmd_parity(args) -> int:
 
 def cmd_demo(args) -> int:
     from flashu_batch.app.demo import run_demo
+    from flashu_batch.app.quiet import ray_noise_filtered
 
-    run_demo(args.out, model=args.model)
+    with ray_noise_filtered():
+        run_demo(args.out, model=args.model)
     return 0
 
 
@@ -36,13 +43,55 @@ def cmd_run(args) -> int:
     from flashu_batch.jobs.spec import load_spec
 
     spec = load_spec(args.spec)  # validated before Ray is imported: a bad spec costs no cluster time
-    from flashu_batch.app.run import run_and_report
+    from flashu_batch.app.run import limit_spec, run_and_report
+    from flashu_batch.app.validate import check_job
+
+    if args.limit is not None:
+        spec = limit_spec(spec, args.limit)
+    # Inputs, model and outputs are checked before Ray starts; each input is opened, not counted (the run reads
+    # every row in its pre-pass anyway)
+    problems = check_job(spec, count_rows=False, local=not args.address)
+    if problems:
+        return print_problems("run", problems)
+    from flashu_batch.app.quiet import ray_noise_filtered
+    from flashu_batch.app.run import EXIT_UNFINISHED
 
     try:
-        return run_and_report(spec, address=args.address, quiet=args.quiet, retry_errors=args.retry_errors)
+        with ray_noise_filtered():
+            return run_and_report(spec, address=args.address, quiet=args.quiet, retry_errors=args.retry_errors,
+                                  limit=args.limit, allow_changed_settings=args.allow_changed_settings)
     except RuntimeError as e:  # an unfinished job (rows without a committed result): re-running resumes it
         print(f"flashu-batch run: {e}", file=sys.stderr)
-        return 1
+        return EXIT_UNFINISHED
+
+
+def cmd_validate(args) -> int:
+    from flashu_batch.app.validate import plan_lines, review_job
+    from flashu_batch.jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    review = review_job(spec)
+    print("\n".join(plan_lines(spec, review)), flush=True)
+    if review.problems:
+        return print_problems("validate", review.problems)
+    print(f"job {spec.job_id}: ready to run", flush=True)
+    return 0
+
+
+def print_problems(command: str, problems: list[str]) -> int:
+    """One stderr line per problem -> exit status 2 (bad input, as for a bad spec)."""
+    for problem in problems:
+        print(f"flashu-batch {command}: error: {problem}", file=sys.stderr, flush=True)
+    return 2
+
+
+def cmd_schema(args) -> int:
+    import json
+
+    from flashu_batch.jobs.spec import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
 
 
 def cmd_specialize(args) -> int:
@@ -79,7 +128,8 @@ def cmd_submit(args) -> int:
         print(f"note: {len(local)} location(s) in the spec are local paths (e.g. {local[0]}): every node of the "
               f"cluster must see them at the same path (a shared filesystem); use s3:// otherwise.", file=sys.stderr)
     try:
-        submission_id = submit(spec, args.address, resume=args.resume, retry_errors=args.retry_errors)
+        submission_id = submit(spec, args.address, resume=args.resume, retry_errors=args.retry_errors,
+                               allow_changed_settings=args.allow_changed_settings)
     except AlreadySubmitted as e:
         print(f"flashu-batch submit: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -126,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=16, help="rows shown per task (default 16)")
     p.set_defaults(func=cmd_preview)
 
-    p = sub.add_parser("run", help="run a batch job spec (YAML or JSON) on Ray: t2i and/or vqa over a dataset")
+    p = sub.add_parser("run", help="run a batch job spec (YAML or JSON) on Ray: t2i and/or vqa over a dataset",
+                       epilog="exit status: 0 done; 1 unfinished (run again to resume); 2 bad spec, input or changed "
+                              "settings; 3 the job is already running (another driver holds its lease); 130 "
+                              "interrupted")
     p.add_argument("spec", help="job spec file (see jobs/spec.py and examples/)")
     p.add_argument("--address", help="Ray cluster address (ray://HOST:10001, HOST:6379 or auto); default: start a "
                                      "local Ray on this machine")
@@ -135,7 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run again the ids that earlier runs committed only as error rows (a timeout, a "
                         "model error, an image the job could not read then); a row that succeeds replaces its "
                         "error row")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="a smoke test: only the first N rows of each task, as job <job_id>-limitN (its own output "
+                        "folders: the real job's are never touched)")
+    p.add_argument("--allow-changed-settings", action="store_true", help=ALLOW_CHANGED_HELP)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a job spec, its inputs, model and outputs without starting Ray, and "
+                                        "print the plan (exit 2 on problems)")
+    p.add_argument("spec", help="job spec file (YAML or JSON)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the job spec's JSON Schema (every field with its description)")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("specialize", help="calibrate a FlashU task specialist once and save it as an artifact")
     p.add_argument("--task", choices=["t2i", "vqa"])
@@ -168,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true",
                    help="once earlier attempts ended (even successfully), submit <job_id>-attempt-N that runs again "
                         "the ids committed only as error rows (`run --retry-errors`)")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="passed to the cluster's `flashu-batch run`: " + ALLOW_CHANGED_HELP)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="state, message and times of a submitted job's latest attempt")
@@ -190,7 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input (specs, configs, checkpoints): one clear line, no traceback
         print(f"flashu-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (app/run.py): no traceback either
+        print(f"flashu-batch {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
+        from flashu_batch.jobs.lease import JobLeased
+
+        if isinstance(e, JobLeased):  # another driver runs this job (run, demo): found before Ray starts
+            print(f"flashu-batch {args.command}: {e}", file=sys.stderr)
+            return EXIT_LEASED
         failure = jobs_api_failure(e) if args.command in JOBS_API_COMMANDS else None
         if failure is None:
             raise

@@ -9,7 +9,7 @@ the answer. Error rows show their error, so a sheet also shows what went wrong.
 import io
 import textwrap
 
-from flashu_batch.jobs.output import read_output
+from flashu_batch.jobs.output import TaskOutput, read_output
 from flashu_batch.jobs.storage import Storage, join
 
 TILE = 192         # tile width and image box, pixels
@@ -22,7 +22,7 @@ BACKGROUND, INK, ERROR_INK = (255, 255, 255), (20, 20, 20), (180, 0, 0)
 def task_roots(storage: Storage, output: str) -> list[str]:
     """The task folders under `output`: itself when it is one, else its sub-folders that hold task results."""
     def is_task(root: str) -> bool:
-        return storage.exists(join(root, "_SUCCESS")) or bool(storage.list(join(root, "_commits")))
+        return TaskOutput(storage, root).has_output()
 
     if is_task(output):
         return [output]

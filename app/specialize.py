@@ -38,7 +38,7 @@ def run_specialize(task: str, checkpoint: str, out: str, config_path: str | None
         raise ValueError(f"--task must be 't2i' or 'vqa', got {task!r}.")
     import torch
 
-    from flashu_batch.flashu.artifact import checkpoint_fingerprint, save_artifact
+    from flashu_batch.flashu.artifact import checkpoint_file_sizes, checkpoint_fingerprint, save_artifact
     from flashu_batch.flashu.calibrate import specialize_t2i, specialize_vqa
     from flashu_batch.flashu.ffn_prune import importance_order
     from flashu_batch.jobs.fetch import model_folder
@@ -74,7 +74,8 @@ def run_specialize(task: str, checkpoint: str, out: str, config_path: str | None
     else:
         calibration = dict(samples=samples, data_file=data_file, seed=config.calibration_seed)
     calibration.update(dtype=dtype, seconds=round(seconds, 2))
-    save_artifact(out, task, orders, config, specialist.ffn_widths, checkpoint_fingerprint(folder), calibration)
+    save_artifact(out, task, orders, config, specialist.ffn_widths, checkpoint_fingerprint(folder), calibration,
+                  checkpoint_file_sizes(folder))
     return dict(out=out, ffn_widths=list(specialist.ffn_widths), **calibration)
 
 

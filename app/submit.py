@@ -137,10 +137,12 @@ def latest(client, job_id: str) -> tuple[int, object]:
     return runs[-1]
 
 
-def submit(spec: JobSpec, address: str | None = None, resume: bool = False, retry_errors: bool = False) -> str:
+def submit(spec: JobSpec, address: str | None = None, resume: bool = False, retry_errors: bool = False,
+           allow_changed_settings: bool = False) -> str:
     """Submit a validated spec once -> the submission id. Raises AlreadySubmitted when the job was submitted
     before, unless `resume` and its latest attempt ended unsuccessfully, or `retry_errors` and it ended (the new
-    attempt runs again the ids committed only as error rows)."""
+    attempt runs again the ids committed only as error rows). allow_changed_settings: the cluster's run goes on
+    when the spec's settings differ from the ones the job's output was made with (`run --allow-changed-settings`)."""
     client = connect(address)
     runs = attempts(client, spec.job_id)
     if runs:
@@ -151,7 +153,8 @@ def submit(spec: JobSpec, address: str | None = None, resume: bool = False, retr
         with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as f:
             json.dump(spec.model_dump(mode="json", exclude_unset=True), f, indent=1)
         try:
-            entrypoint = ENTRYPOINT + (" --retry-errors" if retry_errors else "")
+            entrypoint = (ENTRYPOINT + (" --retry-errors" if retry_errors else "")
+                          + (" --allow-changed-settings" if allow_changed_settings else ""))
             client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"working_dir": folder},
                               metadata={"flashu_job_id": spec.job_id, "flashu_attempt": str(number)})
         except RuntimeError as e:
@@ -181,7 +184,9 @@ def check_resumable(job_id: str, number: int, info, resume: bool, retry_errors: 
 
 def local_paths(spec: JobSpec) -> list[str]:
     """The spec's locations that are local paths: a cluster's nodes see them only on a shared filesystem."""
-    return [p for p in spec.locations() if not p.startswith("s3://")]
+    from flashu_batch.showo2.hub import parse_ref
+
+    return [p for p in spec.locations() if not p.startswith("s3://") and parse_ref(p) is None]  # Hub ids: every node
 
 
 def _when(ms: int | None) -> str:

@@ -11,7 +11,7 @@ Per task:
    earlier run are known, so the rest is counted (for progress and ETA) and a finished task starts no actor at all.
 2. Stream the pipeline (scheduler/pipeline.py); every summary row is one committed file.
 3. Finalize: deduplicate commits by id, write `_SUCCESS` and `metrics.json`, and check that every distinct input id
-   has exactly one committed row.
+   has exactly one committed row (t2i num_images_per_prompt n > 1: one for each of its n output ids, committed_masks).
 
 The driver's bookkeeping stays compact at millions of rows: ids are 16-byte hashes in numpy arrays (jobs/ids.py),
 commit records are streamed, and what the pipeline skips is put in the object store once (bench/scale.py).
@@ -28,12 +28,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from flashu_batch.jobs.ids import HASH, find, first_occurrences, hash_ids
-from flashu_batch.jobs.output import TaskOutput, failed_mask, task_root
+from flashu_batch.jobs.lease import JobLease, JobLeased
+from flashu_batch.jobs.output import TaskOutput, failed_mask, image_sources, task_root
+from flashu_batch.jobs.settings import fix_settings
 from flashu_batch.jobs.spec import JobSpec
 from flashu_batch.jobs.storage import Storage
-from flashu_batch.scheduler.pipeline import (READ_CPUS, Skip, build_t2i_pipeline, build_vqa_pipeline, explain_worker_deaths,
-                                read_id_hashes)
-from flashu_batch.scheduler.read import plan_reads, unit_rows
+from flashu_batch.scheduler.pipeline import (READ_CPUS, TASK_OOM_RETRIES, Skip, build_task_pipeline,
+                                             explain_worker_deaths, read_id_hashes)
+from flashu_batch.scheduler.read import InputError, plan_reads, unit_row_ids
 
 REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
 
@@ -70,6 +72,16 @@ class Progress:
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1
 
 
+def local_resources_problem(spec: JobSpec) -> str | None:
+    """Why a local Ray cannot run the spec's pools (custom resources), or None."""
+    custom = sorted({name for t in spec.tasks for name in t.resources.custom})
+    if not custom:
+        return None
+    return (f"resources.custom asks for {custom}, which only a cluster's node types provide (see ray_cluster.yaml); "
+            f"a local Ray has none. Submit the job to such a cluster (flashu-batch submit, or run --address), or drop "
+            f"resources.custom to run it here.")
+
+
 def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> bool:
     """Connect to `address`, or start a local Ray sized for the spec. Returns True when it started Ray here."""
     if not address:
@@ -85,14 +97,14 @@ def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> 
     if address:
         ray.init(address=address, **kwargs)
         return False
-    custom = sorted({name for t in spec.tasks for name in t.resources.custom})
-    if custom:  # refused before starting a Ray that cannot have them: a pool asking for one would wait forever
-        raise ValueError(f"resources.custom asks for {custom}, which only a cluster's node types provide (see "
-                         f"ray_cluster.yaml); a local Ray has none. Submit the job to such a cluster (flashu-batch "
-                         f"submit, or run --address), or drop resources.custom to run it here.")
+    problem = local_resources_problem(spec)
+    if problem:  # refused before starting a Ray that cannot have them: a pool asking for one would wait forever
+        raise ValueError(problem)
     # Logical CPUs are scheduling tokens: make room for the largest pool plus its read/validate/write tasks.
     need = max(t.resources.workers * t.resources.cpus_per_worker for t in spec.tasks) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), **kwargs)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+             _system_config=dict(task_oom_retries=TASK_OOM_RETRIES),  # Ray's default -1 re-runs OOM kills forever
+             **kwargs)
     return True
 
 
@@ -125,66 +137,98 @@ def check_resources(spec: JobSpec, local: bool) -> None:
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, quiet: bool = False, on_progress=None,
-            worker_classes: dict | None = None, retry_errors: bool = False) -> dict:
+            worker_classes: dict | None = None, retry_errors: bool = False,
+            output_class: type[TaskOutput] = TaskOutput, limit: int | None = None,
+            allow_changed_settings: bool = False) -> dict:
     """Run every task of the spec (resuming a job with this job_id) -> {task name: summary}. on_progress(Progress)
     is called on every committed file and at the end of each task. worker_classes ({"t2i": cls}) replaces a
-    task kind's worker class (tests inject failures with it). retry_errors: the ids that earlier runs committed
-    only as error rows run again, and a row that succeeds replaces the error row."""
+    task kind's worker class, output_class the writer's TaskOutput (tests inject faults with them). retry_errors:
+    the ids that earlier runs committed only as error rows run again, and a row that succeeds replaces the error
+    row. limit: only the first `limit` rows of each task's input (in read order) are its input; give such a run a
+    job_id of its own (app/run.py limit_spec), since its output holds only those rows.
+
+    Before Ray starts, the run takes the job's lease (jobs/lease.py: raises JobLeased while another driver runs the
+    job) and checks the settings that change results against the ones the job was made with (jobs/settings.py:
+    raises SettingsChanged, a ValueError, unless allow_changed_settings)."""
     import ray
     from ray.data import DataContext
 
-    Storage(spec.storage).check_reachable(spec.locations())  # a dead S3 endpoint fails here, in seconds
-    started = init_ray(spec, address, quiet)
-    try:
-        # The driver reports progress per committed file: Ray Data's bars, plan logs and the notice that the bars
-        # are off would only interleave with it. Its warnings and errors still show.
-        DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        check_resources(spec, local=started)
-        storage = Storage(spec.storage)
-        return {task.task_name: run_task(spec, task, storage, on_progress, (worker_classes or {}).get(task.kind),
-                                         retry_errors)
-                for task in spec.tasks}
-    finally:
-        if started:
-            ray.shutdown()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: got {limit}; expected a positive number of rows per task, or None for all.")
+
+    storage = Storage(spec.storage)
+    storage.check_reachable(spec.locations())  # a dead S3 endpoint fails here, in seconds
+    roots = {t.task_name: task_root(t.output, spec.job_id, t.task_name) for t in spec.tasks}
+    # Every task's read units, planned before anything is written: a missing input fails the job with no trace
+    units = {t.task_name: plan_reads(storage, t.input) for t in spec.tasks}
+    with JobLease(storage, spec.job_id, roots) as lease:  # one driver per job; released however the run ends
+        changed = fix_settings(storage, spec, allow_changed_settings, run_id=lease.run_id)
+        started = init_ray(spec, address, quiet)
+        try:
+            # The driver reports progress per committed file: Ray Data's bars, plan logs and the notice that the
+            # bars are off would only interleave with it. Its warnings and errors still show.
+            DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+            check_resources(spec, local=started)
+            results = {}
+            for task in spec.tasks:
+                if lease.lost:  # another driver took the job over (this one stalled): leave the rest to it
+                    raise JobLeased(lease.lost)
+                results[task.task_name] = run_task(spec, task, storage, on_progress,
+                                                   (worker_classes or {}).get(task.kind), retry_errors, output_class,
+                                                   limit=limit, settings_changed=changed[task.task_name],
+                                                   units=units[task.task_name])
+            return results
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls=None,
-             retry_errors: bool = False) -> dict:
+             retry_errors: bool = False, output_class: type[TaskOutput] = TaskOutput,
+             limit: int | None = None, settings_changed: list[dict] | None = None,
+             units: list[dict] | None = None) -> dict:
+    """One task of the job (module docstring: pre-pass, pipeline, finalize) -> its summary. settings_changed: the
+    settings this run changed (jobs/settings.py), recorded in metrics.json. units: the read units, when the caller
+    planned them already (run_job plans every task's before it writes anything)."""
     import ray
 
     name, run_id = task.task_name, uuid.uuid4().hex[:12]
     root = task_root(task.output, spec.job_id, name)
-    output = TaskOutput(storage, root)
+    output = output_class(storage, root)
     start = time.perf_counter()
 
     # 1. Every input id once (the pre-pass), what earlier runs committed, and what is left
-    units = plan_reads(storage, task.input)
+    units = plan_reads(storage, task.input) if units is None else units
     ids = scan_ids(units, task, storage)
+    beyond = np.empty(0, np.int64)  # read positions past `limit` in the units still read: skipped like repeats
+    if limit is not None:
+        ids, units, beyond = limit_ids(ids, units, limit)
+    per_id = getattr(task.params, "num_images_per_prompt", 1)  # output rows per input id (t2i; ids image_id)
     if retry_errors:  # ids whose committed rows are all error rows run again
-        committed, done = committed_masks(output, ids.hashes)
+        committed, done = committed_masks(output, ids.hashes, images_per_id=per_id)
         retried_errors = int((committed & ~done).sum())
         del committed
     else:
-        done, retried_errors = committed_mask(output, ids.hashes), 0
+        done, retried_errors = committed_mask(output, ids.hashes, images_per_id=per_id), 0
     skipped = int(done.sum())
-    progress = Progress(name, 0, len(done) - skipped, 0, skipped, 0.0, repeated=len(ids.repeats))
+    progress = Progress(name, 0, (len(done) - skipped) * per_id, 0, skipped * per_id, 0.0,
+                        repeated=len(ids.repeats))
     repeated_ids = repeats_report(ids, units, task, storage)
 
     # 2. The pipeline, streamed: one summary row per committed file. What it skips goes to the object store once.
     if progress.total:
         skip = None
-        if skipped or len(ids.repeats):
-            skip = ray.put(Skip(committed=ids.hashes[done], repeats=ids.repeats, unit_starts=ids.unit_starts))
+        if skipped or len(ids.repeats) or len(beyond):
+            skip = ray.put(Skip(committed=ids.hashes[done], repeats=np.union1d(ids.repeats, beyond),
+                                unit_starts=ids.unit_starts))
         del done
-        build = build_t2i_pipeline if task.kind == "t2i" else build_vqa_pipeline
-        ds = build(spec, task, units=units, root=root, storage=storage, skip=skip, run_id=run_id,
-                   worker_cls=worker_cls)
+        ds = build_task_pipeline(spec, task, units=units, output=output, storage=storage, skip=skip, run_id=run_id,
+                                 worker_cls=worker_cls)
         for batch in explain_worker_deaths(ds.iter_batches(batch_size=None, batch_format="pyarrow"), name):
             for row in batch.to_pylist():
-                if row["committed"]:
+                if row["this_run"]:  # committed by this write, or by its first attempt that died unreported
                     progress.done += row["rows"]
                     progress.errors += row["errors"]
                 progress.elapsed_s = time.perf_counter() - start
@@ -200,9 +244,10 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
     metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=int(ids.unit_starts[-1]),
                    repeated_ids=repeated_ids, rows_this_run=progress.done, errors_this_run=progress.errors,
                    skipped=progress.skipped, retried_errors=retried_errors, seconds=seconds,
-                   rows_per_s=round(progress.done / seconds, 4) if seconds else 0.0, run_id=run_id)
+                   rows_per_s=round(progress.done / seconds, 4) if seconds else 0.0, run_id=run_id, limit=limit,
+                   settings_changed=settings_changed or [])
     summary = output.finalize(spec.job_id, name, task.kind, metrics)
-    lacking = np.flatnonzero(~committed_mask(output, ids.hashes))
+    lacking = np.flatnonzero(~committed_mask(output, ids.hashes, images_per_id=per_id))
     if len(lacking):
         shown = [r["id"] for r in read_back(units, ids.unit_starts, ids.first[lacking[:3]], task, storage)]
         raise RuntimeError(f"task {name!r}: {len(lacking)} of {len(ids.hashes)} input ids have no committed result "
@@ -223,14 +268,21 @@ class InputIds:
 
 
 def scan_ids(units: list[dict], task, storage: Storage) -> InputIds:
-    """The pre-pass: every row id, hashed in the read tasks (16 bytes per row reach the driver, no strings). Reads
-    the input once: derived ids need each row's content."""
-    per_unit = [np.empty(0, HASH)] * len(units)
+    """The pre-pass: every row id, hashed in the read tasks (16 bytes per row reach the driver, no strings). Where
+    the input has an id column only the ids are read (Parquet: that column alone, no image bytes); rows without a
+    valid id need their content for a derived id (read.unit_row_ids). A JSONL or CSV file that does not decompress, or
+    lacks a column that input.keep_columns names, fails the job here, before any model work."""
+    per_unit, problems = [np.empty(0, HASH)] * len(units), {}
     if units:
         ds = read_id_hashes(units, task.kind, task.input, storage)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for unit, blob in zip(batch.column("unit").to_pylist(), batch.column("hashes").to_pylist()):
+            for unit, blob, problem in zip(*(batch.column(c).to_pylist() for c in ("unit", "hashes", "problem"))):
                 per_unit[unit] = np.frombuffer(blob, HASH)
+                if problem:
+                    problems[unit] = problem
+    if problems:  # the first in read order, whichever task ended first
+        more = f" ({len(problems) - 1} more read units cannot be read either)" if len(problems) > 1 else ""
+        raise InputError(f"task {task.task_name!r}: {problems[min(problems)]}{more}")
     return index_ids(per_unit)
 
 
@@ -251,15 +303,34 @@ def index_ids(per_unit: list[np.ndarray]) -> InputIds:
     return InputIds(hashes, order, repeats, examples, unit_starts)
 
 
-def committed_mask(output: TaskOutput, hashes: np.ndarray) -> np.ndarray:
+def limit_ids(ids: InputIds, units: list[dict], limit: int) -> tuple[InputIds, list[dict], np.ndarray]:
+    """(ids, units) cut to the first `limit` read positions (`run --limit`), and the read positions at or past
+    `limit` that the kept units still hold. The ids and the final check then cover those rows only; units that
+    start at or past `limit` are not read at all."""
+    total = int(ids.unit_starts[-1])
+    if limit >= total:
+        return ids, units, np.empty(0, np.int64)
+    kept = int(np.searchsorted(ids.unit_starts[:-1], limit))  # the units that start before the limit
+    inside = ids.first < limit
+    cut = InputIds(hashes=ids.hashes[inside], first=ids.first[inside], repeats=ids.repeats[ids.repeats < limit],
+                   examples=[pair for pair in ids.examples if pair[0] < limit],
+                   unit_starts=np.append(ids.unit_starts[:kept], np.int64(limit)))
+    return cut, units[:kept], np.arange(limit, ids.unit_starts[kept], dtype=np.int64)
+
+
+def committed_mask(output: TaskOutput, hashes: np.ndarray, images_per_id: int = 1) -> np.ndarray:
     """(u,) bool: which of the ids `hashes` (sorted) have a commit record, streamed record by record (commit records
     of ids not in the input are ignored)."""
-    return committed_masks(output, hashes, succeeded_too=False)[0]
+    return committed_masks(output, hashes, succeeded_too=False, images_per_id=images_per_id)[0]
 
 
-def committed_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool = True):
+def committed_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool = True, images_per_id: int = 1):
     """(committed, succeeded): (u,) bool each over the ids `hashes` (sorted): which have a committed row, and which
-    a committed row that is not an error row (None unless succeeded_too), in one pass over the commit records."""
+    a committed row that is not an error row (None unless succeeded_too), in one pass over the commit records.
+    images_per_id: output rows per input id (t2i num_images_per_prompt); when > 1, an input id is committed
+    (succeeded) only once each of its n rows, ids jobs.output.image_id, is."""
+    if images_per_id > 1:
+        return _image_masks(output, hashes, succeeded_too, images_per_id)
     committed = np.zeros(len(hashes), bool)
     succeeded = np.zeros(len(hashes), bool) if succeeded_too else None
     for record in output.iter_commits():
@@ -269,6 +340,25 @@ def committed_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool 
             failed = failed_mask(record["ids"], output.error_ids(record))
             succeeded[index[found & ~failed]] = True
     return committed, succeeded
+
+
+def _image_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool, n: int):
+    """committed_masks for n > 1 output rows per input id: one bit per image k of each input id (n <= 64), set by a
+    committed row '<id>#<k>'. A file may hold only some of an id's rows (the writer cuts files by row count), so an
+    id whose rows are partly committed runs again; finalize then keeps one row per output id."""
+    full = np.uint64((1 << n) - 1)
+    committed = np.zeros(len(hashes), np.uint64)
+    succeeded = np.zeros(len(hashes), np.uint64) if succeeded_too else None
+    for record in output.iter_commits():
+        sources, k = image_sources(record["ids"], n)
+        found, index = find(hashes, hash_ids(sources))
+        found &= k >= 0
+        bits = np.left_shift(np.uint64(1), k[found].astype(np.uint64))
+        np.bitwise_or.at(committed, index[found], bits)
+        if succeeded_too:
+            ok = ~failed_mask(record["ids"], output.error_ids(record))[found]
+            np.bitwise_or.at(succeeded, index[found][ok], bits[ok])
+    return committed == full, (succeeded == full if succeeded_too else None)
 
 
 def read_back(units: list[dict], unit_starts: np.ndarray, positions, task, storage: Storage) -> list[dict]:
@@ -287,11 +377,9 @@ def read_back(units: list[dict], unit_starts: np.ndarray, positions, task, stora
 def _read_back(wanted: dict, kind: str, inp, storage: Storage) -> dict:
     found = {}
     for u, (unit, ordinals) in wanted.items():
-        for k, (row, canonical) in enumerate(unit_rows(unit, kind, inp.format, dict(inp.columns), storage)):
+        for k, (row, row_id) in enumerate(unit_row_ids(unit, kind, inp.format, dict(inp.columns), storage, [])):
             if k in ordinals:
-                found[u, k] = dict(id=canonical["id"], source=unit["source"], row=row)
-            if k >= max(ordinals):
-                break
+                found[u, k] = dict(id=row_id, source=unit["source"], row=row)
     return found
 
 
