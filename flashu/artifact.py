@@ -39,12 +39,20 @@ def checkpoint_fingerprint(folder: str) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_file_sizes(folder: str) -> dict[str, int]:
+    """{file: bytes} of what checkpoint_fingerprint hashes: a cheap first check that an artifact belongs to a
+    checkpoint (the driver's, before any worker starts), with no weight read."""
+    paths = [os.path.join(folder, name) for name in _CONFIG_FILES] + weight_files(folder)
+    return {os.path.relpath(p, folder): os.path.getsize(p) for p in paths if os.path.isfile(p)}
+
+
 def save_artifact(out_dir: str, task: str, orders: list[torch.Tensor], config, ffn_widths, fingerprint: str,
-                  calibration: dict) -> None:
+                  calibration: dict, file_sizes: dict[str, int] | None = None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     save_file({f"layers.{i}.ffn_order": o.to(torch.int64).contiguous().cpu() for i, o in enumerate(orders)},
               os.path.join(out_dir, f"flashu_{task}.safetensors"))
-    meta = dict(format=FORMAT, task=task, checkpoint_sha256=fingerprint, config=config.to_dict(),
+    meta = dict(format=FORMAT, task=task, checkpoint_sha256=fingerprint, checkpoint_files=file_sizes,
+                config=config.to_dict(),
                 ffn_widths=list(ffn_widths), calibration={**calibration, "created_unix": int(time.time())})
     with open(os.path.join(out_dir, f"flashu_{task}.json"), "w") as f:
         json.dump(meta, f, indent=2)

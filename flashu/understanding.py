@@ -22,16 +22,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from flashu_batch.flashu.config import FlashUUnderstandingConfig
 from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
 from flashu_batch.flashu.layer_skip import layers_to_skip
 from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
+from flashu_batch.showo2.kv_cache import DecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.modeling import Showo2, additive_mask
-from flashu_batch.showo2.vqa import batch_prompts, greedy_answers, prompt_embeddings
+from flashu_batch.showo2.vqa import (TokenBuffer, all_done, batch_prompts, decode_key_mask, greedy_answers,
+                                     prompt_embeddings)
 
 
 def value_norms(layer, h: torch.Tensor) -> torch.Tensor:
@@ -84,11 +85,12 @@ class UnderstandingSpecialist:
             return layer(h, **kwargs)
         return decoder_layer(layer, h, self.ffn_widths[i], **kwargs)
 
-    def prefill(self, embeds, position_ids, allowed, real, image, cache):
+    def prefill(self, embeds, position_ids, allowed, real, image, cache, score: bool = True):
         """Prompt through every layer with token pruning at layer K -> (last hidden (B, H) final-normed,
-        per-layer key masks `real` (list of (B, Lk) bool), per-layer importance of the last token (layers,))."""
+        per-layer key masks `real` (list of (B, Lk) bool), per-layer importance of the last token (layers,), or
+        None when not `score`: layer skipping off pays nothing for it)."""
         llm, cfg = self.model.showo.model, self.config
-        h, layer_real, importance = embeds, [], []
+        h, layer_real, inputs = embeds, [], []
         pe = llm.rotary_emb(h, position_ids)
         mask = additive_mask(allowed, h.dtype)
         drop = self.pruned_token_count()
@@ -101,39 +103,46 @@ class UnderstandingSpecialist:
                 allowed = allowed[:, 0][rows, kept[:, :, None], kept[:, None, :]][:, None]  # (B, 1, L', L')
                 pe, mask = llm.rotary_emb(h, position_ids), additive_mask(allowed, h.dtype)
             layer_real.append(real)
-            h_in = h[:, -1]
+            inputs.append(h[:, -1])
             h = self.run_layer(i, h, attention_mask=mask, position_ids=position_ids, cache=cache,
                                position_embeddings=pe)
-            importance.append(h_in)
         out = llm.norm(h)[:, -1]
-        return out, layer_real, torch.stack(last_token_importance(importance, out))
+        return out, layer_real, (torch.stack(last_token_importance(inputs, out)) if score else None)
 
-    def decode_step(self, next_ids, position, layer_real, step, skip, cache):
+    def decode_masks(self, layer_real: list[torch.Tensor], max_new_tokens: int, dtype) -> list[torch.Tensor]:
+        """Per-layer additive key masks (B, 1, 1, Lk + max_new_tokens), built once per batch: one per distinct key
+        layout (before / after token pruning), shared by the layers that have it. Step s slices [..., :Lk + s + 1]."""
+        built = {}
+        for real in layer_real:
+            if id(real) not in built:
+                built[id(real)] = decode_key_mask(real, max_new_tokens, dtype)
+        return [built[id(real)] for real in layer_real]
+
+    def decode_step(self, next_ids, position, key_masks, skip, cache, score: bool = False):
         """One new token per row through the layers (bypassing `skip`) -> (final-normed hidden (B, H),
-        importance (layers,) measured when nothing was skipped)."""
+        importance (layers,) when `score`, else None). key_masks: `decode_masks`, sliced here to each layer's
+        cache length."""
         llm = self.model.showo.model
         h = llm.embed_tokens(next_ids[:, None])  # (B, 1, H)
         pe = llm.rotary_emb(h, position[:, None])
-        masks = {}
         inputs = []
         for i, layer in enumerate(llm.layers):
-            real = layer_real[i]
-            if id(real) not in masks:  # one mask per distinct key layout (before / after token pruning)
-                keys = torch.cat([real, torch.ones(real.shape[0], step + 1, dtype=torch.bool, device=h.device)], 1)
-                masks[id(real)] = additive_mask(keys[:, None, None, :], h.dtype)
-            inputs.append(h[:, -1])
+            if score:
+                inputs.append(h[:, -1])
             if i in skip:
                 single_token_kv(layer, h, pe, cache)
                 continue
-            h = self.run_layer(i, h, attention_mask=masks[id(real)], position_ids=position[:, None], cache=cache,
-                               position_embeddings=pe)
+            keys = cache.get_seq_length(i) + 1  # the prompt keys this layer kept, earlier tokens, this one
+            h = self.run_layer(i, h, attention_mask=key_masks[i][..., :keys], position_ids=position[:, None],
+                               cache=cache, position_embeddings=pe)
         out = llm.norm(h)[:, -1]
-        return out, (torch.stack(last_token_importance(inputs, out)) if not skip else None)
+        return out, (torch.stack(last_token_importance(inputs, out)) if score else None)
 
     @torch.no_grad()
     def greedy_answers(self, model: Showo2, rows: list[Sequences], latents: torch.Tensor, *, max_new_tokens: int,
-                       eos_id: int, pad_id: int, return_logits: bool = False):
-        """Drop-in for `showo2.vqa.greedy_answers` (same arguments and results)."""
+                       eos_id: int, pad_id: int, return_logits: bool = False, sampler=None):
+        """Drop-in for `showo2.vqa.greedy_answers` (same arguments and results; `sampler` draws the next tokens
+        from the logits instead of argmax, as there)."""
         assert model is self.model, "the specialist decodes with its own (reordered) model"
         cfg = self.config
         seqs, pads, real, position_ids, allowed = batch_prompts(rows, pad_id, latents.device)
@@ -141,27 +150,28 @@ class UnderstandingSpecialist:
         col = torch.arange(L, device=latents.device)
         first = seqs.image_offsets[:, None] + 1  # image tokens follow the time slot
         image = (col[None] >= first) & (col[None] < first + model.config.num_image_tokens)  # (B, L)
-        cache = DynamicCache(config=model.showo.config)
+        cache = DecodeKVCache(len(model.showo.model.layers), max_new_tokens)
+        skipping = cfg.layer_skip_ratio > 0  # off: no layer scoring at all, in the prefill or in any step
         hidden, layer_real, importance = self.prefill(prompt_embeddings(model, seqs, latents), position_ids,
-                                                      allowed, real, image, cache)
-        skip = layers_to_skip(importance, cfg.layer_skip_ratio)
-        answers, done, step_logits = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool,
-                                                                          device=latents.device), []
+                                                      allowed, real, image, cache, score=skipping)
+        skip = layers_to_skip(importance, cfg.layer_skip_ratio) if skipping else frozenset()
+        key_masks = self.decode_masks(layer_real, max_new_tokens, hidden.dtype)
+        next_position = L - pads  # (B,) RoPE position of the first generated token
+        generated, step_logits = TokenBuffer(B, max_new_tokens, eos_id, latents.device), []
         for step in range(max_new_tokens):
             logits = model.showo.lm_head(hidden).float()  # (B, V)
             if return_logits:
                 step_logits.append(logits)
-            next_ids = logits.argmax(dim=-1)
-            done |= next_ids == eos_id
-            for i in (~done).nonzero().flatten().tolist():
-                answers[i].append(int(next_ids[i]))
-            if bool(done.all()) or step == max_new_tokens - 1:
+            next_ids = logits.argmax(dim=-1) if sampler is None else sampler(logits)  # (B,)
+            generated.append(step, next_ids)
+            if step == max_new_tokens - 1 or all_done(generated.done):
                 break
-            recalc = cfg.layer_skip_ratio > 0 and (step + 1) % cfg.layer_skip_interval == 0
-            hidden, importance = self.decode_step(next_ids, L - pads + step, layer_real, step,
-                                                  frozenset() if recalc else skip, cache)
+            recalc = skipping and (step + 1) % cfg.layer_skip_interval == 0
+            hidden, importance = self.decode_step(next_ids, next_position + step, key_masks,
+                                                  frozenset() if recalc else skip, cache, score=recalc)
             if recalc:
                 skip = layers_to_skip(importance, cfg.layer_skip_ratio)
+        answers = generated.answers()
         if return_logits:
             return answers, torch.stack(step_logits, dim=1)
         return answers

@@ -1,6 +1,8 @@
-"""Model sources -> local folders: a local folder as it is, an `s3://bucket/prefix` fetched once into a local cache.
+"""Model sources -> local folders: a local folder as it is, an `s3://bucket/prefix` fetched once into a local cache, a
+Hugging Face Hub id through huggingface_hub's own cache (showo2/hub.py: the Hub needs no storage client, so the model
+package resolves it itself, and `Showo2Pipeline.from_pretrained` takes Hub ids too).
 
-The model package (showo2/) reads local files only; everything remote is resolved here, at the edge.
+The model loaders read local files only; S3 is resolved here, at the edge.
 
 Endpoint, region and credentials come from boto3's standard sources (AWS_* environment variables, config files,
 instance roles); nothing here logs them. Several processes on one node may ask for the same prefix at once: a file
@@ -10,6 +12,8 @@ lock makes one download and the others wait, and a marker file records a finishe
 import fcntl
 import os
 from urllib.parse import urlparse
+
+from flashu_batch.showo2.hub import download_checkpoint, parse_ref
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "flashu-batch")
 _DONE_MARKER = ".download-complete"
@@ -63,10 +67,16 @@ def fetch_prefix(uri: str, cache_dir: str | None = None, s3_client=None) -> str:
 
 
 def model_folder(source: str, s3_client=None) -> str:
-    """A local folder for a model source: a local folder as it is, an s3:// prefix through the cache (fetch_prefix).
-    Raises FileNotFoundError naming the source when a local folder is not there."""
+    """A local folder for a model source: a local folder as it is, an s3:// prefix through the cache (fetch_prefix), a
+    Hugging Face Hub id (`org/name[@revision]`, `hf://org/name[@revision]`) through huggingface_hub's cache
+    (showo2/hub.py, which also gives the commit). Raises FileNotFoundError naming the source when a local folder is
+    not there, HubError (a ValueError) when a Hub model cannot be had."""
     if source.startswith("s3://"):
         return fetch_prefix(source, s3_client=s3_client)
+    ref = parse_ref(source)
+    if ref is not None:
+        return download_checkpoint(ref)[0]
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"model folder {source!r} does not exist (expected a local folder or an s3:// prefix)")
+        raise FileNotFoundError(f"model folder {source!r} does not exist (expected a local folder, an s3:// prefix, "
+                                f"or a Hugging Face Hub id such as org/name or hf://org/name@revision)")
     return source

@@ -17,15 +17,19 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flashu_batch.showo2.hub import HF_SCHEME, HubError, is_hub_id, parse_ref
+
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _CREDENTIAL_WORDS = ("secret", "access_key", "password", "token", "credential", "session")
 # Columns a task reads; the input's `columns` mapping may rename any of them.
 T2I_COLUMNS = {"id": "row id (optional; derived from the row's content and position when absent)",
                "prompt": "the text prompt (non-empty string)",
-               "seed": "noise seed (optional integer; see params.seed_policy)"}
+               "seed": "noise seed (optional integer; see params.seed_policy)",
+               "negative_prompt": "the row's own negative prompt (optional string; wins over params.negative_prompt)"}
 VQA_COLUMNS = {"id": "row id (optional; derived from the row's content and position when absent)",
                "question": "the question (non-empty string)",
-               "image": "the image: bytes, a datasets Image struct {bytes, path}, or a URI (local path or s3://)"}
+               "image": "the image: bytes, a datasets Image struct {bytes, path}, or a URI (local path or s3://)",
+               "seed": "sampling seed (optional integer; used only when params.temperature > 0)"}
 # Image limits (VQAParams): 8000 x 8000 pixels (192 MB decoded as RGB), 64 MiB encoded. Pillow itself refuses
 # images over twice its MAX_IMAGE_PIXELS, so a larger pixel limit could not take effect.
 MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES, PILLOW_PIXEL_CEILING = 64_000_000, 64 * 2**20, 2 * 89_478_485
@@ -135,9 +139,12 @@ class SpecializationSpec(_Frozen):
 
 class ModelSpec(_Frozen):
     checkpoint: str = Field(..., description=(
-        "Show-o2 checkpoint folder or s3:// prefix. An s3:// prefix is downloaded once per node into $FLASHU_CACHE "
-        "(startup cost once, then local reads); a shared filesystem path skips the copy but every actor reads "
-        "the weights over the network."))
+        "Show-o2 checkpoint: a local folder, an s3:// prefix, or a Hugging Face Hub model (org/name, "
+        "org/name@revision with a branch, tag or commit, or hf://org/name[@revision]; a bare org/name is a Hub id "
+        "only when no local path by that name exists). An s3:// prefix is downloaded once per node into "
+        "$FLASHU_CACHE, a Hub model once per node into the Hub cache (HF_HOME; HF_HUB_OFFLINE and HF_TOKEN as in "
+        "transformers; pin a commit for runs that must not change when the branch moves): startup cost once, then "
+        "local reads. A shared filesystem path skips the copy but every actor reads the weights over the network."))
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description=(
         "Weights and activations dtype. bfloat16 halves memory and is the GPU default; float32 is slower but "
         "bit-reproducible across runs and the right choice on CPU."))
@@ -145,31 +152,61 @@ class ModelSpec(_Frozen):
         "Where workers run the model. 'auto' picks cuda when the worker was given a GPU (gpus_per_worker > 0), "
         "else cpu; 'cpu' with gpus_per_worker > 0 wastes the GPU."))
     vae_path: str | None = Field(None, description=(
-        "Wan2.1 VAE file; None means <checkpoint>/Wan2.1_VAE.pth. Official releases ship without it."))
+        "Wan2.1 VAE file: a local file, or a file on the Hub written hf://org/name[@revision]/path/in/repo.pth (a "
+        "bare a/b/c.pth is always a local path). None: <checkpoint>/Wan2.1_VAE.pth, else the official "
+        "hf://Wan-AI/Wan2.1-T2V-14B/Wan2.1_VAE.pth (official releases ship without a VAE; downloaded once per node)."))
     tokenizer_path: str | None = Field(None, description=(
-        "Qwen2.5 tokenizer folder; None means the checkpoint folder. Official releases ship without it."))
+        "Qwen2.5 tokenizer: a local folder or a Hub model (org/name[@revision], hf://org/name[@revision]; only its "
+        "tokenizer files are downloaded). None: the checkpoint's own (its folder or tokenizer/), else the Qwen2.5 "
+        "instruct tokenizer of the checkpoint's size (Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2.5-7B-Instruct)."))
     specialization: SpecializationSpec = Field(default_factory=SpecializationSpec, description=(
         "FlashU task-specialist artifact per task; a task without one runs the exact baseline."))
 
-    @field_validator("vae_path", "tokenizer_path")
+    @field_validator("checkpoint", "vae_path", "tokenizer_path")
     @classmethod
-    def _local_only(cls, v):
-        if v is not None and "://" in v:
-            raise ValueError(f"got {v!r}; this must be a local path. For a checkpoint on S3, put the file inside "
-                             f"the checkpoint prefix (Wan2.1_VAE.pth, tokenizer.json) and leave this unset.")
+    def _local_s3_or_hub(cls, v, info):
+        """Local paths, hf:// references (parsed here; a bare org/name is only known to be one on the machine that
+        loads it, where a local path by that name wins) and, for the checkpoint alone, s3:// prefixes."""
+        if v is None:
+            return v
+        file, s3 = info.field_name == "vae_path", info.field_name == "checkpoint"
+        if "://" in v and not v.startswith(HF_SCHEME) and not (s3 and v.startswith("s3://")):
+            hub = "hf://org/name[@revision]/path/in/repo.pth" if file else "a Hub model (org/name, hf://org/name)"
+            if s3:
+                raise ValueError(f"got {v!r}; expected a local folder, an s3:// prefix, or {hub}.")
+            raise ValueError(f"got {v!r}; this must be a local path or {hub}. For a checkpoint on S3, put the file "
+                             f"inside the checkpoint prefix (Wan2.1_VAE.pth, tokenizer.json) and leave this unset.")
+        if v.startswith(HF_SCHEME):
+            try:
+                parse_ref(v, file=file)
+            except HubError as e:
+                raise ValueError(str(e)) from None
         return v
 
 
 class InputSpec(_Frozen):
     uris: list[str] = Field(..., min_length=1, description=(
-        "Input files or folders (local paths or s3:// prefixes); a folder takes every file with the format's "
-        "extension, sorted. More, smaller files read in parallel; one huge JSONL or CSV file is read by one task."))
+        "Input files, folders or glob patterns (local paths or s3:// URIs). A folder takes every file below it with "
+        "the format's extension; a pattern takes the files it matches: *, ? and [...] within a path segment, ** "
+        "across any depth (s3://bucket/shards/**/*.parquet), and one that matches nothing is an error. Both sorted "
+        "by path, names starting with '.' or '_' skipped. A derived id depends on a file's path below the folder or "
+        "below the pattern's literal part, so a dataset moved whole keeps its ids. More, smaller files read in "
+        "parallel; one huge JSONL or CSV file is read by one task."))
     format: Literal["parquet", "jsonl", "csv"] = Field(..., description=(
         "parquet (typed columns, images as bytes or {bytes, path} structs, read per row group: the scalable "
-        "choice); jsonl or csv (simple to write; images as URIs; each file is read by one task)."))
+        "choice); jsonl or csv (simple to write; images as URIs; each file is read by one task, in memory). JSONL "
+        "and CSV files may be gzip or zstd compressed (.jsonl.gz, .csv.zst, ...: smaller to store and move, "
+        "decompressed whole by their read task); a corrupt or truncated one stops the job, naming it."))
     columns: dict[str, str] = Field(default_factory=dict, description=(
         "Rename map from the task's column names to the input's, e.g. {prompt: caption, id: key}. Unmapped "
         "names are read as themselves."))
+    keep_columns: list[str] | None = Field(None, description=(
+        "Input columns every output row carries unchanged, so results join back to their source (url, license, "
+        "...). None: all the columns the task does not read; []: none; a list: those, each an error if a file "
+        "lacks it (a JSONL file: if no line has it). Parquet columns keep their types; JSONL and CSV values are "
+        "text (numbers, lists and objects as JSON text), so that any two files of an input share one column type. "
+        "Columns named like an output column (id, prompt, seed, image, error, answer, ...) are not carried; "
+        "listing one is an error. More columns make larger output files."))
 
     @field_validator("uris", mode="before")
     @classmethod
@@ -182,6 +219,14 @@ class InputSpec(_Frozen):
         for uri in v:
             if not uri or not _is_uri(uri):
                 raise ValueError(f"got {uri!r}; expected a local path or an s3://bucket/prefix URI.")
+        return v
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _keep_columns(cls, v):
+        if v is not None and ("" in v or len(set(v)) < len(v)):
+            raise ValueError(f"got {v!r}; expected distinct, non-empty column names (or null for all the columns "
+                             f"the task does not read, [] for none).")
         return v
 
 
@@ -198,7 +243,36 @@ class T2IParams(_Frozen):
     truncate: bool = Field(False, description=(
         "False: a prompt longer than the model's sequence holds (its token limit: max_seq_len less the image slots "
         "and 4 markers) is an error row naming its token count and the limit, so no image silently ignores the end "
-        "of its prompt. True: cut it to the limit, as the official code does."))
+        "of its prompt (or its negative prompt). True: cut it to the limit, as the official code does."))
+    negative_prompt: str | None = Field(None, description=(
+        "Text the image should move away from: classifier-free guidance takes its unconditional branch from this "
+        "caption instead of the empty caption the official code uses (v = v_neg + g (v_cond - v_neg)). A row's own "
+        "`negative_prompt` column wins over it. Costs nothing per step (the branch runs anyway) but steers the "
+        "whole image, so a long list of unwanted things can also wash out what the prompt asks for. It obeys the "
+        "prompt's token limit and `truncate`. None (or ''): the empty caption, exactly the official output. Needs "
+        "guidance (guidance_scale > 0)."))
+    num_images_per_prompt: int = Field(1, ge=1, le=64, description=(
+        "Images per input row, each with its own noise: n output rows per input row, with ids '<id>#<k>' "
+        "(k = 0..n-1, in the `image_index` column) and seeds <row seed> + k (mod 2**63), so image k is the one a "
+        "single-image run with that seed makes. 1 keeps the row's own id. Cost grows linearly with n (the images of "
+        "one row share nothing); the rows of one batch become batch_size x n images per model call, split on "
+        "out-of-memory. Changing it on a re-run of the same job_id mixes id schemes: use a new job_id."))
+    image_format: Literal["png", "webp", "jpeg"] = Field("png", description=(
+        "Encoding of the output images (and the extension of image.path: .png, .webp, .jpg). png: lossless and "
+        "the largest; webp: lossy at image_quality, several times smaller (lossless at image_quality 100); jpeg: "
+        "lossy at image_quality, the most widely readable compact format. Decoding of the generated pixels is the "
+        "same for all three; only the stored bytes differ."))
+    image_quality: int = Field(90, ge=1, le=100, description=(
+        "Encoder quality for webp and jpeg (1-100; png ignores it). Higher keeps more detail and makes larger "
+        "files; 100 with webp switches to lossless WebP, with jpeg it is the best lossy quality."))
+
+    @model_validator(mode="after")
+    def _negative_needs_guidance(self):
+        if self.negative_prompt and self.guidance_scale == 0:
+            raise ValueError(f"negative_prompt: got {self.negative_prompt[:60]!r} with guidance_scale 0; a negative "
+                             f"prompt acts only through classifier-free guidance. Set guidance_scale > 0, or drop "
+                             f"negative_prompt.")
+        return self
 
 
 class VQAParams(_Frozen):
@@ -217,6 +291,15 @@ class VQAParams(_Frozen):
         "Largest encoded image (bytes) a row may hold; larger ones are error rows, refused before they are opened "
         "(a URI's size comes from the file system or the S3 response headers, so it is never downloaded). Every "
         "image is held in memory in the CPU stage, so this bounds its memory per row."))
+    temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description=(
+        "0: greedy decoding (the official behaviour: the most likely token every step, deterministic). > 0: sample "
+        "from softmax(logits / temperature); higher is more varied and less accurate. Sampling is reproducible per "
+        "row: each row draws from its own generator seeded by its `seed` column, else a hash of job_id and row id, "
+        "so its answer does not depend on its batch-mates (on one device type)."))
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description=(
+        "Nucleus sampling (with temperature > 0): sample only among the most likely tokens whose probabilities sum "
+        "to top_p. Lower cuts the unlikely tail (fewer derailed answers, less variety); 1.0 keeps every token; a "
+        "tiny value keeps only the most likely token, which is greedy decoding. Ignored when temperature is 0."))
 
 
 class ResourcesSpec(_Frozen):
@@ -363,10 +446,12 @@ def _loc(loc: tuple) -> str:
     return out or "spec"
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError, prefix: str = "", what: str = "job spec") -> str:
+    """One line per bad field, `<field path>: <what was wrong>`; `prefix` names where the validated value sits (for a
+    part validated on its own, such as build_processor's `params`)."""
     lines = []
     for e in err.errors(include_url=False):
-        loc, msg = _loc(e["loc"]), e["msg"]
+        loc, msg = _loc(((prefix,) if prefix else ()) + tuple(e["loc"])), e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -378,7 +463,7 @@ def _format_errors(err: ValidationError) -> str:
             shown = repr(e["input"])
             msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
         lines.append(msg if loc == "spec" and e["type"] == "value_error" else f"{loc}: {msg}")
-    return "invalid job spec:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
 
 
 def _resolve(path: str | None, base: str) -> str | None:
@@ -388,13 +473,19 @@ def _resolve(path: str | None, base: str) -> str | None:
 
 
 def _resolve_paths(raw: dict, base: str) -> dict:
-    """Relative local paths in a raw spec -> absolute, against `base` (the spec file's folder)."""
+    """Relative local paths in a raw spec -> absolute, against `base` (the spec file's folder); Hub ids of the model
+    (org/name[@revision], hf://...) are kept as they are."""
     raw = json.loads(json.dumps(raw))  # a deep copy of plain data
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("checkpoint", "vae_path", "tokenizer_path"):
-            if isinstance(model.get(key), str):
-                model[key] = _resolve(model[key], base)
+            value = model.get(key)
+            if isinstance(value, str):  # hf:// references hold "://": _resolve leaves them as they are
+                model[key] = _resolve(value, base)
+                # A Hub id (org/name[@revision]) stays as it is when no local path by that name exists under base (an
+                # existing local path wins). Not for the VAE: a bare a/b.pth is always a local file.
+                if key != "vae_path" and not os.path.exists(model[key]) and is_hub_id(value):
+                    model[key] = value
         spec = model.get("specialization")
         if isinstance(spec, dict):
             for key, value in spec.items():
@@ -426,7 +517,7 @@ def parse_spec(raw, base_dir: str | None = None) -> JobSpec:
     try:
         return JobSpec.model_validate(_resolve_paths(raw, base_dir or os.getcwd()))
     except ValidationError as e:
-        raise SpecError(_format_errors(e)) from None
+        raise SpecError(format_errors(e)) from None
 
 
 def load_spec(path: str) -> JobSpec:

@@ -12,6 +12,7 @@ picklable (clients are made lazily in each process), so Ray tasks can carry one.
 """
 
 import os
+import stat
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,26 @@ PROBE_TIMEOUT_S, PROBE_ATTEMPTS = 3.0, 2  # the up-front reachability check: fai
 
 
 class ObjectTooLarge(ValueError):
-    """read_bytes refused an object over its max_bytes (without downloading it)."""
+    """read_bytes refused an object over its max_bytes, having read at most max_bytes + 1 bytes of it. `size` is its
+    size when the file system or the store said so, None when only the capped read found it too large (a file that
+    grew, a /proc file whose size reads 0)."""
 
-    def __init__(self, uri: str, size: int, max_bytes: int):
-        super().__init__(f"{uri} is {size} bytes, over the {max_bytes}-byte limit")
+    def __init__(self, uri: str, size: int | None, max_bytes: int):
+        if size is None:
+            super().__init__(f"{uri} is over the {max_bytes}-byte limit (its size was not known in advance; reading "
+                             f"stopped at {max_bytes + 1} bytes)")
+        else:
+            super().__init__(f"{uri} is {size} bytes, over the {max_bytes}-byte limit")
         self.size = size
+
+
+class NotARegularFile(ValueError):
+    """A local path that names a directory, FIFO, device or socket (or a symlink to one): refused before it is
+    opened, since reading a FIFO with no writer blocks forever and a device such as /dev/zero never ends."""
+
+    def __init__(self, path: str, kind: str):
+        super().__init__(f"{path!r} is {kind}, not a regular file")
+        self.path, self.kind = path, kind
 
 
 class StorageUnreachable(RuntimeError):
@@ -93,6 +109,61 @@ def _without_userinfo(url: str) -> str:
     """An endpoint URL fit for a message: a user:password@ part (from AWS_ENDPOINT_URL) is never shown."""
     parsed = urlparse(url)
     return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path: str, mode: int) -> None:
+    """NotARegularFile unless `mode` (of os.stat, which follows symlinks) is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), f"of file type {stat.S_IFMT(mode):#o}")
+    if os.path.islink(path):
+        kind = f"a symbolic link to {kind}"
+    raise NotARegularFile(path, kind)
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    """A local file's bytes, at most max_bytes + 1 of them read (see Storage.read_bytes)."""
+    _check_regular(path, os.stat(path).st_mode)  # before opening: open() on a FIFO with no writer blocks forever
+    # O_NONBLOCK: a path swapped for a FIFO after the stat still opens at once (and fstat refuses it); on a regular
+    # file it changes nothing
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags), "rb") as f:
+        info = os.fstat(f.fileno())
+        _check_regular(path, info.st_mode)
+        if max_bytes is None:
+            return f.read()
+        if info.st_size > max_bytes:  # refused without reading any of it
+            raise ObjectTooLarge(path, info.st_size, max_bytes)
+        data = _read_at_most(f, max_bytes + 1)  # the stat may be wrong: /proc files say 0, a file may grow
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(path, None, max_bytes)
+        return data
+
+
+def _read_at_most(stream, limit: int) -> bytes:
+    """Up to `limit` bytes of a file or HTTP body: one read may return fewer than asked before the end."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _stated_size(response: dict) -> int | None:
+    """An object's whole size as a GET's headers state it: Content-Range's total for a ranged answer (206), else
+    Content-Length (a server that ignored the Range answers 200 with the whole object); None when unstated."""
+    content_range = response.get("ContentRange")
+    if not content_range:
+        return response.get("ContentLength")
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 class Storage:
@@ -158,29 +229,44 @@ class Storage:
     # ---- small objects -------------------------------------------------------------------------------------------
 
     def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; FileNotFoundError when it does not exist, ObjectTooLarge (before reading any of it)
-        when it is over max_bytes, StorageUnavailable when the store failed for a passing reason (retry later)."""
+        """The object's bytes. Raises FileNotFoundError when it does not exist, NotARegularFile for a local path that
+        is no file, ObjectTooLarge when it is over max_bytes, StorageUnavailable when the store failed for a passing
+        reason (retry later). With max_bytes, at most max_bytes + 1 bytes are ever read, whatever a size query said:
+        a file can grow after its stat, a /proc file's size reads 0, a server can send a wrong Content-Length."""
         if not is_s3(uri):
-            with open(uri, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise ObjectTooLarge(uri, size, max_bytes)
-                return f.read()
+            return _read_local(uri, max_bytes)
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            response = self.s3_client().get_object(Bucket=bucket, Key=key)
-            with response["Body"] as body:  # the size comes with the headers: a huge object is never downloaded
-                if max_bytes is not None and response["ContentLength"] > max_bytes:
-                    raise ObjectTooLarge(uri, response["ContentLength"], max_bytes)
-                return body.read()
+            return self._read_object(bucket, key, uri, max_bytes)
         except Exception as e:
             if isinstance(e, ClientError) and e.response["Error"]["Code"] in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"{uri} does not exist ({e.response['Error']['Code']})") from None
             if is_transient(e):
                 raise StorageUnavailable(uri, e) from e
             raise
+
+    def _read_object(self, bucket: str, key: str, uri: str, max_bytes: int | None) -> bytes:
+        """GET, capped: a ranged GET asks for max_bytes + 1 bytes, and the body is read with the same cap, so a
+        server that ignores the Range or states a wrong Content-Length still cannot make this read more."""
+        from botocore.exceptions import ClientError
+
+        if max_bytes is None:
+            with self.s3_client().get_object(Bucket=bucket, Key=key)["Body"] as body:
+                return body.read()
+        try:
+            response = self.s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+        except ClientError as e:
+            if e.response["Error"]["Code"] == "InvalidRange":  # 416: an empty object has no byte 0 to start at
+                return b""
+            raise
+        with response["Body"] as body:  # closed unread past the cap: the connection is dropped, not drained
+            data = _read_at_most(body, max_bytes + 1)
+        if len(data) > max_bytes:
+            stated = _stated_size(response)
+            raise ObjectTooLarge(uri, stated if stated is not None and stated > max_bytes else None, max_bytes)
+        return data
 
     def check_reachable(self, uris: list[str]) -> None:
         """Fail fast when the S3 endpoint behind any s3:// URI does not answer: one HEAD per bucket with a short
@@ -271,6 +357,29 @@ class Storage:
             return False
         self.s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return True
+
+    def move(self, src: str, dst: str) -> None:
+        """Move an object within one store, replacing `dst` (local: a rename, atomic; S3: server-side copy, then
+        delete: readers see `dst` whole or not at all). A `src` that is gone while `dst` exists counts as moved (a
+        retried move)."""
+        if not is_s3(dst):
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            try:
+                os.replace(src, dst)
+            except FileNotFoundError:
+                if not os.path.exists(dst):
+                    raise
+            return
+        from botocore.exceptions import ClientError
+
+        (src_bucket, src_key), (bucket, key) = split_s3(src), split_s3(dst)
+        try:
+            self.s3_client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound") or not self.exists(dst):
+                raise
+            return
+        self.delete(src)
 
     def exists(self, uri: str) -> bool:
         if not is_s3(uri):

@@ -9,7 +9,7 @@ import hashlib
 import pyarrow as pa
 
 from flashu_batch.jobs.spec import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from flashu_batch.jobs.storage import ObjectTooLarge, Storage, StorageUnavailable
+from flashu_batch.jobs.storage import NotARegularFile, ObjectTooLarge, Storage, StorageUnavailable
 from flashu_batch.scheduler.read import ROW_SCHEMAS
 from flashu_batch.workers.images import ImageError, decode_image
 
@@ -52,9 +52,10 @@ def load_image(row: dict, storage: Storage, max_pixels: int, max_bytes: int) -> 
             row["image_bytes"] = storage.read_bytes(row["image_path"], max_bytes=max_bytes)
         except FileNotFoundError:
             return f"image {row['image_path']!r} does not exist"
-        except ObjectTooLarge as e:  # refused before downloading it
-            return (f"image {row['image_path']!r} is {e.size} bytes, over the {max_bytes}-byte limit "
-                    f"(params.max_image_bytes)")
+        except NotARegularFile as e:  # a directory, FIFO, device, socket: refused before it was opened
+            return f"image {row['image_path']!r} is {e.kind}, not a regular file"
+        except ObjectTooLarge as e:  # at most max_bytes + 1 bytes of it were read
+            return too_large(row["image_path"], e.size, max_bytes)
         except StorageUnavailable:  # an outage, not this row: the task fails and is retried, the row stays to do
             raise
         except Exception as e:  # noqa: BLE001 -- permissions, a bad URI: the row fails, the job goes on
@@ -67,3 +68,12 @@ def load_image(row: dict, storage: Storage, max_pixels: int, max_bytes: int) -> 
         return str(e)
     row["image_sha256"] = hashlib.sha256(data).hexdigest()
     return None
+
+
+def too_large(path: str, size: int | None, max_bytes: int) -> str:
+    """The error of an image URI over params.max_image_bytes; `size` is None where only the capped read found it
+    (a file that grew after its stat, a /proc file whose size reads 0)."""
+    if size is None:
+        return (f"image {path!r} is over the {max_bytes}-byte limit (params.max_image_bytes; its size was not "
+                f"known in advance, reading stopped at {max_bytes + 1} bytes)")
+    return f"image {path!r} is {size} bytes, over the {max_bytes}-byte limit (params.max_image_bytes)"

@@ -1,7 +1,8 @@
 """Token layouts of the Show-o2 sequences, exactly as the official scripts build them.
 
 T2I (showlab/Show-o show-o2/models/misc.py prepare_gen_input): raw caption, no chat template, every row padded to
-`max_seq_len`; cond rows first, then the empty-caption uncond rows:
+`max_seq_len`; cond rows first, then the empty-caption uncond rows (a negative prompt, where given, is the uncond
+row's caption instead, laid out exactly like a prompt):
 
     [bos] + prompt[:max_text_len] + [boi] + [img_pad] * S + [eoi] + [eos] + [pad] * (max_text_len - len)
 
@@ -41,17 +42,23 @@ def t2i_max_text_len(max_seq_len: int, num_image_slots: int) -> int:
 
 
 def t2i_sequences(prompt_ids: list[list[int]], tokens, num_image_slots: int, max_seq_len: int,
-                  with_uncond: bool = True) -> Sequences:
+                  with_uncond: bool = True, negative_ids: list[list[int]] | None = None) -> Sequences:
     """CFG batch for B prompts -> 2B rows of length max_seq_len (cond rows, then uncond rows; B rows without CFG).
 
-    Prompts longer than max_text_len are cut, as upstream does; offset = len(prompt) + 2 (uncond: 2).
+    negative_ids: one caption per prompt for its uncond row (a negative prompt; [] is the official empty caption),
+    or None for the empty caption everywhere. Captions longer than max_text_len are cut, as upstream does;
+    offset = len(caption) + 2 (the official uncond row: 2).
     """
     max_text_len = t2i_max_text_len(max_seq_len, num_image_slots)
     if max_text_len < 0:
         raise ValueError(f"max_seq_len {max_seq_len} cannot hold {num_image_slots} image slots and 4 markers.")
+    if negative_ids is not None and len(negative_ids) != len(prompt_ids):
+        raise ValueError(f"negative_ids has {len(negative_ids)} captions for {len(prompt_ids)} prompts.")
+    captions = [p[:max_text_len] for p in prompt_ids]
+    if with_uncond:
+        captions += [[] for _ in prompt_ids] if negative_ids is None else [n[:max_text_len] for n in negative_ids]
     rows, offsets = [], []
-    uncond = [[] for _ in prompt_ids] if with_uncond else []
-    for ids in [p[:max_text_len] for p in prompt_ids] + uncond:
+    for ids in captions:
         rows.append([tokens.bos, *ids, tokens.boi, *[tokens.img_pad] * num_image_slots, tokens.eoi, tokens.eos]
                     + [tokens.pad] * (max_text_len - len(ids)))
         offsets.append(len(ids) + 2)

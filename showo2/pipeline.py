@@ -7,7 +7,7 @@ never a shape error from inside torch), and runs the task loops of `t2i` and `vq
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -16,13 +16,16 @@ from PIL import Image
 
 from flashu_batch.showo2.checkpoint import CheckpointError
 from flashu_batch.showo2.layouts import VQALayout, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence
-from flashu_batch.showo2.loading import VAE_FILE, load_showo2, local_folder
+from flashu_batch.showo2.hub import HubError, resolve_checkpoint, resolve_tokenizer, resolve_vae
+from flashu_batch.showo2.loading import VAE_FILE, load_showo2
 from flashu_batch.showo2.modeling import Showo2
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 from flashu_batch.showo2.t2i import generate_latents, seeded_noise
 from flashu_batch.showo2.tokenizer import SpecialTokens, load_tokenizer
 from flashu_batch.showo2.vae import WanVAE, load_vae
-from flashu_batch.showo2.vqa import greedy_answers
+from flashu_batch.showo2.vqa import NucleusSampler, greedy_answers
+
+MAX_MEMO_TEXTS = 4096  # distinct captions remembered by Showo2Pipeline.text_ids (a few batches' worth)
 
 
 @dataclass
@@ -31,32 +34,41 @@ class Showo2Pipeline:
     vae: WanVAE
     tokenizer: object  # a transformers tokenizer with the Show-o2 special tokens
     tokens: SpecialTokens
+    # caption text -> its token ids, so a caller that checks a prompt's length and then generates with it tokenizes
+    # it once (the T2I worker); bounded by MAX_MEMO_TEXTS
+    text_ids_memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                         vae_path: str | None = None, tokenizer_path: str | None = None) -> "Showo2Pipeline":
-        """Load from a local checkpoint folder (official layout; see showo2/loading.py).
+        """Load from a local checkpoint folder (official layout; see showo2/loading.py) or a Hugging Face Hub model
+        (`org/name`, `org/name@revision`, `hf://org/name[@revision]`; see showo2/hub.py for the syntax and caching).
 
-        The VAE defaults to `<path>/Wan2.1_VAE.pth` and the tokenizer to the folder itself (or `<path>/tokenizer`);
-        official releases ship neither, so point vae_path / tokenizer_path at the Wan2.1 VAE file and a local
-        Qwen2.5-Instruct folder.
+        The VAE is vae_path (a local file or `hf://org/name[@revision]/file.pth`), else the checkpoint's own
+        Wan2.1_VAE.pth, else the official one from Wan-AI/Wan2.1-T2V-14B. The tokenizer is tokenizer_path (a local
+        folder or a Hub id), else the checkpoint's own (the folder or its tokenizer/), else the Qwen2.5 instruct
+        tokenizer of the model's size (Qwen/Qwen2.5-1.5B-Instruct or -7B-Instruct). Official releases ship neither,
+        so they load with the defaults.
         """
-        folder = local_folder(path)
-        model = load_showo2(folder, dtype=dtype, device=device)
-        vae_file = vae_path or os.path.join(folder, VAE_FILE)
-        if not os.path.isfile(vae_file):
-            raise CheckpointError(f"No VAE at {vae_file!r}: pass vae_path= pointing at {VAE_FILE}.")
-        vae = load_vae(vae_file, dtype=dtype, device=device)
-        tokenizer_folder = tokenizer_path or next(
-            (p for p in (folder, os.path.join(folder, "tokenizer")) if os.path.isfile(os.path.join(p, "tokenizer.json"))
-             or os.path.isfile(os.path.join(p, "tokenizer_config.json"))), None)
-        if tokenizer_folder is None:
-            raise CheckpointError(f"No tokenizer in {folder!r}: pass tokenizer_path= pointing at a Qwen2.5 folder.")
-        tokenizer = load_tokenizer(tokenizer_folder)
+        try:
+            checkpoint = resolve_checkpoint(path)
+            # the model first: a bad checkpoint fails before a default VAE or tokenizer is downloaded for it
+            model = load_showo2(checkpoint.path, dtype=dtype, device=device)
+            vae = resolve_vae(vae_path, checkpoint)
+            tokenizer_source = resolve_tokenizer(tokenizer_path, checkpoint)
+        except HubError as e:
+            raise CheckpointError(str(e)) from None
+        if not os.path.isfile(vae.path):
+            raise CheckpointError(f"No VAE at {vae.path!r}: pass vae_path= pointing at {VAE_FILE}.")
+        if tokenizer_source is None:
+            raise CheckpointError(f"No tokenizer in {checkpoint.path!r}, and no default one for a model of hidden size "
+                                  f"{model.config.hidden_size}: pass tokenizer_path= pointing at a Qwen2.5 folder.")
+        tokenizer = load_tokenizer(tokenizer_source.path)
         if len(tokenizer) != model.config.llm_vocab_size:
-            raise CheckpointError(f"Tokenizer at {tokenizer_folder!r} has {len(tokenizer)} tokens, the model's "
+            raise CheckpointError(f"Tokenizer at {tokenizer_source.source!r} has {len(tokenizer)} tokens, the model's "
                                   f"vocabulary has {model.config.llm_vocab_size}.")
-        return cls(model, vae, tokenizer, SpecialTokens.from_tokenizer(tokenizer))
+        return cls(model, load_vae(vae.path, dtype=dtype, device=device), tokenizer,
+                   SpecialTokens.from_tokenizer(tokenizer))
 
     @property
     def device(self) -> torch.device:
@@ -76,27 +88,56 @@ class Showo2Pipeline:
     def encode_prompts(self, prompts: list[str], max_seq_len: int, truncate: bool) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
-        max_text_len = t2i_max_text_len(max_seq_len, self.model.config.num_image_slots)
-        prompt_ids = []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}.")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if len(ids) > max_text_len and not truncate:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens; at most {max_text_len} fit a {max_seq_len}-token "
-                                 f"sequence. Shorten it, or pass truncate=True to cut it as the official code does.")
-            prompt_ids.append(ids)
-        return prompt_ids
+        return [self.caption_ids(prompt, f"prompt {i}", max_seq_len, truncate) for i, prompt in enumerate(prompts)]
+
+    def encode_negative_prompts(self, negative_prompt, num_prompts: int, max_seq_len: int,
+                                truncate: bool) -> list[list[int]] | None:
+        """negative_prompt: None (the official empty caption), one string for every prompt, or one string or None
+        per prompt -> the uncond captions' ids (None when there is no negative prompt at all). '' is the empty
+        caption; a negative prompt obeys the prompt's token limit."""
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, (list, tuple)) or len(negatives) != num_prompts or \
+                not all(n is None or isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt must be None, a string, or one string (or None) per prompt "
+                             f"({num_prompts}), got {negative_prompt!r}.")
+        return [self.caption_ids(n or "", f"negative prompt {i}", max_seq_len, truncate)
+                for i, n in enumerate(negatives)]
+
+    def caption_ids(self, text: str, what: str, max_seq_len: int, truncate: bool) -> list[int]:
+        """A T2I caption's token ids (raw text, no special tokens, as upstream); over the token limit it is an error
+        unless truncate (t2i_sequences then cuts it)."""
+        max_text_len = t2i_max_text_len(max_seq_len, self.model.config.num_image_slots)
+        ids = self.text_ids(text) if text else []
+        if len(ids) > max_text_len and not truncate:
+            raise ValueError(f"{what} has {len(ids)} tokens; at most {max_text_len} fit a {max_seq_len}-token "
+                             f"sequence. Shorten it, or pass truncate=True to cut it as the official code does.")
+        return ids
+
+    def text_ids(self, text: str) -> list[int]:
+        """Raw-text token ids (no special tokens, as upstream's captions), tokenized once per text (memoised)."""
+        ids = self.text_ids_memo.get(text)
+        if ids is None:
+            if len(self.text_ids_memo) >= MAX_MEMO_TEXTS:
+                self.text_ids_memo.clear()
+            ids = self.text_ids_memo[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], *, seeds: list[int] | None = None, num_inference_steps: int = 50,
                       guidance_scale: float | list[float] = 7.5, time_shift: float = 3.0,
                       max_seq_len: int | None = None, truncate: bool = False, output_type: str = "pil",
-                      velocity_factory=None):
+                      velocity_factory=None, negative_prompt: str | list[str | None] | None = None):
         """Generate one image per prompt.
 
-        seeds: one per prompt (default 0, 1, ...); a row's image depends only on its prompt and seed.
+        seeds: one per prompt (default 0, 1, ...); a row's image depends only on its prompt, negative prompt and seed.
         guidance_scale: a constant, or one value per model call (num_inference_steps - 1).
+        negative_prompt: the caption of the unconditional guidance branch instead of the official empty one: one
+        string for all prompts, or one string (or None: the empty caption) per prompt. Needs guidance.
         output_type: "pil" (list of PIL images), "pt" (B, 3, H, W) float in [-1, 1], or "latent" (B, C, h, w).
         velocity_factory: `(sequences, use_cfg) -> velocity_fn` replacing the exact prefix-cached step (this is
         where a FlashU specialist plugs in; see flashu/generation.py).
@@ -117,6 +158,10 @@ class Showo2Pipeline:
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}.")
         max_seq_len = max_seq_len or self.model.config.default_max_seq_len
         prompt_ids = self.encode_prompts(prompts, max_seq_len, truncate)
+        negative_ids = self.encode_negative_prompts(negative_prompt, len(prompt_ids), max_seq_len, truncate)
+        if negative_ids is not None and any(negative_ids) and not use_cfg:
+            raise ValueError(f"negative_prompt was given with guidance_scale {guidance_scale!r}, which runs no "
+                             f"unconditional branch for it to act through; set guidance_scale > 0.")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
                                                  for s in seeds):
@@ -124,7 +169,7 @@ class Showo2Pipeline:
 
         # 2. Build the CFG sequences and the initial noise
         seqs = t2i_sequences(prompt_ids, self.tokens, self.model.config.num_image_slots, max_seq_len,
-                             with_uncond=use_cfg)
+                             with_uncond=use_cfg, negative_ids=negative_ids)
         c = self.model.config
         noise = seeded_noise([int(s) for s in seeds], (c.image_latent_dim, *c.latent_size))
 
@@ -168,10 +213,16 @@ class Showo2Pipeline:
 
     @torch.no_grad()
     def answer(self, images: list, questions: list[str], *, max_new_tokens: int = 300,
-               layout: VQALayout = "demo", decode_fn=None) -> list[str]:
-        """Greedy answers, one per (image, question) pair. layout: "demo" (the official inference script) or
+               layout: VQALayout = "demo", decode_fn=None, temperature: float = 0.0, top_p: float = 1.0,
+               seeds: list[int] | None = None) -> list[str]:
+        """Answers, one per (image, question) pair. layout: "demo" (the official inference script) or
         "training" (the layout the model was trained on); see showo2/layouts.py. decode_fn replaces
-        `showo2.vqa.greedy_answers` (same signature; where a FlashU specialist plugs in)."""
+        `showo2.vqa.greedy_answers` (same signature; where a FlashU specialist plugs in).
+
+        temperature 0 (the default): greedy decoding, the official behaviour. temperature > 0: sampling from
+        softmax(logits / temperature) within the top_p nucleus, each row from its own generator seeded by its seed
+        (seeds: one per pair, default 0, 1, ...), so a row's answer does not depend on the rest of the batch.
+        """
         # 1. Check inputs. Raise error if not correct
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list.")
@@ -184,6 +235,14 @@ class Showo2Pipeline:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         if layout not in ("demo", "training"):
             raise ValueError(f"layout must be 'demo' or 'training', got {layout!r}.")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}.")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}.")
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        if len(seeds) != len(images) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                and s >= 0 for s in seeds):
+            raise ValueError(f"seeds must be {len(images)} integers >= 0 (one per image), got {seeds!r}.")
         pixels = torch.stack([self.preprocess_image(im, i) for i, im in enumerate(images)])
 
         # 2. Encode the images once (posterior mean: reproducible, see design note 6.3)
@@ -195,8 +254,12 @@ class Showo2Pipeline:
             text_a, question_ids, role_b = vqa_prompt_ids(self.tokenizer, self.tokens, question, layout)
             rows.append(vqa_sequence(question_ids, text_a, role_b, self.tokens, self.model.config.num_image_slots,
                                      layout))
+        sampling = {}  # greedy: the decode function is called exactly as before sampling existed
+        if temperature > 0:
+            generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+            sampling = dict(sampler=NucleusSampler(float(temperature), float(top_p), generators))
         answer_ids = (decode_fn or greedy_answers)(self.model, rows, latents, max_new_tokens=max_new_tokens,
-                                                   eos_id=self.tokens.eos, pad_id=self.tokens.pad)
+                                                   eos_id=self.tokens.eos, pad_id=self.tokens.pad, **sampling)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
 
 

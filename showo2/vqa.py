@@ -1,14 +1,16 @@
 """Image question answering: the understanding prompt through the LLM, then greedy decoding (upstream
-inference_mmu.py / mmu_generate).
+inference_mmu.py / mmu_generate), or sampling (`NucleusSampler`) where asked for.
 
 Upstream re-runs the whole growing sequence for every new token (`greedy_answer_recompute` keeps that loop as the
 reference). Prefill with the omni mask plus KV-cached causal decoding is the same computation (appended tokens
 attend to every earlier key and change no earlier row), batched here over prompts of different lengths.
 """
 
-import torch
-from transformers import DynamicCache
+from dataclasses import dataclass
 
+import torch
+
+from flashu_batch.showo2.kv_cache import DecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
 
@@ -61,40 +63,101 @@ def batch_prompts(rows: list[Sequences], pad_id: int, device):
     return seqs, pads, real, position_ids, allowed
 
 
+@dataclass
+class NucleusSampler:
+    """Next tokens (B,) from last-position logits (B, V) fp32: a draw from softmax(logits / temperature), kept to
+    the nucleus (the most likely tokens until their probabilities reach top_p; the most likely one always stays).
+
+    Each row draws from its own generator (one per row, on the logits' device), a fixed V numbers per step whether
+    or not the row has stopped: a row's tokens depend on its own logits and seed only, never on its batch-mates.
+    """
+
+    temperature: float  # > 0 (0 is greedy decoding: pass no sampler)
+    top_p: float  # in (0, 1]; 1.0 keeps every token
+    generators: list[torch.Generator]  # (B,)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(before >= self.top_p, 0.0))
+        # The exponential race (gpt-fast's multinomial_sample_one_no_sync): argmax p / E, E ~ Exp(1), is a draw from
+        # p with no host sync; one generator per row keeps the draws batch-independent.
+        race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) for p, g in zip(probs, self.generators)])
+        return (probs / race).argmax(dim=-1)
+
+
+def decode_key_mask(real: torch.Tensor, max_new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key mask (B, 1, 1, Lk + max_new_tokens) for cached decoding, built once per batch: the prompt's
+    real keys (B, Lk) bool, then every generated position. Step s uses the view [..., :Lk + s + 1]."""
+    generated = torch.ones(real.shape[0], max_new_tokens, dtype=torch.bool, device=real.device)
+    return additive_mask(torch.cat([real, generated], dim=1)[:, None, None, :], dtype)
+
+
+def all_done(done: torch.Tensor) -> bool:
+    """The one host sync per generated token: have all rows stopped? done (B,) bool on the device."""
+    return bool(done.all())
+
+
+class TokenBuffer:
+    """Generated ids kept on the device until decoding ends (no per-token, per-row host reads).
+
+    tokens (B, max_new_tokens) is written in place; lengths (B,) counts the tokens each row keeps, i.e. those
+    before its first eos (eos not included), as the row's answer.
+    """
+
+    def __init__(self, B: int, max_new_tokens: int, eos_id: int, device):
+        self.tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.eos_id = eos_id
+
+    def append(self, step: int, next_ids: torch.Tensor) -> None:
+        """next_ids (B,): the tokens of generation step `step`."""
+        self.tokens[:, step] = next_ids
+        self.done |= next_ids == self.eos_id
+        self.lengths += ~self.done
+
+    def answers(self) -> list[list[int]]:
+        """Id lists per row (two host reads for the whole answer)."""
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
 @torch.no_grad()
 def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, *, max_new_tokens: int,
-                   eos_id: int, pad_id: int, return_logits: bool = False):
+                   eos_id: int, pad_id: int, return_logits: bool = False, sampler: NucleusSampler | None = None):
     """Greedy answers for a batch of one-row prompts (any lengths) with one image each (latents (B, C, h, w)).
 
-    Prefill with the omni mask (last-position logits only), then KV-cached decoding; each row stops at eos (not
-    included) or after max_new_tokens. Returns the id lists, plus the per-step last-position logits
-    (B, steps, V) when return_logits (rows that stopped keep receiving steps; their logits are not meaningful).
+    Prefill with the omni mask (last-position logits only), then KV-cached decoding into a preallocated cache
+    (showo2/kv_cache.py); each row stops at eos (not included) or after max_new_tokens. Token ids and stop flags
+    stay on the device: one host sync per step (`all_done`). Returns the id lists, plus the per-step last-position
+    logits (B, steps, V) when return_logits (rows that stopped keep receiving steps; their logits are not
+    meaningful). sampler: picks the next tokens from the logits instead of argmax (sampling; None: greedy).
     """
     device = latents.device
     seqs, pads, real, position_ids, allowed = batch_prompts(rows, pad_id, device)
     B, L = seqs.input_ids.shape
     embeds = prompt_embeddings(model, seqs, latents)
 
-    cache = DynamicCache(config=model.showo.config)
+    cache = DecodeKVCache(model.showo.config.num_hidden_layers, max_new_tokens)
     out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
                       position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    answers = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    key_mask = decode_key_mask(real, max_new_tokens, embeds.dtype)  # (B, 1, 1, L + max_new_tokens)
+    next_position = L - pads  # (B,) RoPE position of the first generated token
+    generated = TokenBuffer(B, max_new_tokens, eos_id, device)
     step_logits = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (B, V)
         if return_logits:
             step_logits.append(logits)
-        next_ids = logits.argmax(dim=-1)  # (B,)
-        done |= next_ids == eos_id
-        for i in (~done).nonzero().flatten().tolist():
-            answers[i].append(int(next_ids[i]))
-        if bool(done.all()) or step == max_new_tokens - 1:
+        next_ids = logits.argmax(dim=-1) if sampler is None else sampler(logits)  # (B,)
+        generated.append(step, next_ids)
+        if step == max_new_tokens - 1 or all_done(generated.done):
             break
-        keys_real = torch.cat([real, torch.ones(B, step + 1, dtype=torch.bool, device=device)], dim=1)
-        out = model.showo(input_ids=next_ids[:, None], position_ids=(L - pads + step)[:, None],
-                          attention_mask=additive_mask(keys_real[:, None, None, :], embeds.dtype),
-                          cache=cache, use_cache=True)
+        out = model.showo(input_ids=next_ids[:, None], position_ids=(next_position + step)[:, None],
+                          attention_mask=key_mask[..., :L + step + 1], cache=cache, use_cache=True)
+    answers = generated.answers()
     if return_logits:
         return answers, torch.stack(step_logits, dim=1)
     return answers

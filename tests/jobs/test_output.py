@@ -40,7 +40,7 @@ def test_write_commit_finalize_read(output):
     assert summary["rows"] == 3 and summary["errors"] == 1 and len(summary["files"]) == 2
     manifest = json.loads(output.storage.read_bytes(join(output.root, "_SUCCESS")))
     assert manifest["kind"] == "vqa" and "image_sha256: string" in manifest["schema"]
-    metrics = json.loads(output.storage.read_bytes(join(output.root, "metrics.json")))
+    metrics = json.loads(output.storage.read_bytes(join(output.root, ".flashu/metrics.json")))
     assert metrics["rows"] == 3 and metrics["errors"] == 1 and metrics["seconds"] == 1.0
     table = read_output(output.storage, output.root)
     assert table.schema == VQA_SCHEMA and sorted(table.column("id").to_pylist()) == ["a", "b", "c"]
@@ -81,10 +81,7 @@ def test_interrupted_rewrite_is_finished_by_the_next_finalize(output):
 
 def test_uncommitted_and_missing_files(output):
     output.write_and_commit(rows(["a"]))
-    orphan = join(output.root, "data", "part-orphan.parquet")
-    fs, path = output.storage.arrow_fs(orphan)
-    import pyarrow.parquet as pq
-    pq.write_table(rows(["zzz"]), path, filesystem=fs)  # written, never committed (a crash before the commit)
+    output.write_data(rows(["zzz"]))  # staged, never committed (a crash before the commit)
     gone = output.write_and_commit(rows(["b"]))
     output.storage.delete(join(output.root, gone["file"]))  # a committed file that disappeared
     with pytest.raises(FileNotFoundError):  # an in-progress read never hides a lost committed file
@@ -124,7 +121,7 @@ def test_a_row_that_succeeded_wins_over_an_error_row_of_the_same_id(output, old_
     output.write_and_commit(rows(["b"]))  # a retry of b that succeeded
     output.write_and_commit(rows(["c"], error_ids={"c"}))  # a retry of c that failed again
     if old_records:  # commit records from before "error_ids": the error rows are found in the data files
-        for f in output.storage.list(join(output.root, "_commits")):
+        for f in output.storage.list(join(output.root, ".flashu/commits")):
             record = json.loads(output.storage.read_bytes(f["uri"]))
             output.storage.write_bytes(f["uri"], json.dumps({k: v for k, v in record.items()
                                                              if k != "error_ids"}).encode())
@@ -149,3 +146,18 @@ def test_a_later_run_commits_the_same_ids_and_a_retried_write_in_one_run_still_c
     assert answers(output) == {"x": ("ax", None), "y": ("ay", None)}
     summary = output.finalize("job", "vqa", "vqa", {})
     assert summary["rows"] == 2 and summary["errors"] == 0 and len(data_files(output)) == 1
+
+
+def test_a_commit_whose_file_a_crash_left_staged_is_read_and_then_published(output):
+    rel = output.write_data(rows(["a"]))
+    assert data_files(output) == []  # staged: no reader of data/ sees it
+    real_move = output.storage.move
+    output.storage.move = lambda src, dst: None  # the crash: the record is made, the file is never published
+    try:
+        assert output.commit(rel, rows(["a"]))["committed"]
+    finally:
+        output.storage.move = real_move
+    assert data_files(output) == [] and read_output(output.storage, output.root).column("id").to_pylist() == ["a"]
+    output.finalize("job", "vqa", "vqa", {})
+    assert data_files(output) == [join(output.root, rel)]
+    assert read_output(output.storage, output.root).column("id").to_pylist() == ["a"]

@@ -116,8 +116,8 @@ def test_aws_credentials_appear_nowhere_a_job_writes(checkpoint, s3_endpoint, tm
         ray_logs = [p for p in written if p.startswith(ray_tmp) and "/logs/" in p]
         assert len(ray_logs) > 5, "Ray wrote no session logs where RAY_TMPDIR points"
         objects = [f["uri"] for f in storage.list(join(bucket, "out"))]
-        assert any(u.endswith("_SUCCESS") for u in objects) and any(u.endswith("metrics.json") for u in objects)
-        assert any("/_commits/" in u for u in objects) and any(u.endswith(".parquet") for u in objects)
+        assert any(u.endswith("_SUCCESS") for u in objects) and any(u.endswith(".flashu/metrics.json") for u in objects)
+        assert any("/.flashu/commits/" in u for u in objects) and any(u.endswith(".parquet") for u in objects)
         for uri in objects:
             written[uri] = storage.read_bytes(uri)
         error_rows = [r["error"] for uri in objects if uri.endswith(".parquet")

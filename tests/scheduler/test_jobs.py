@@ -88,7 +88,7 @@ def test_both_tasks_end_to_end_then_a_rerun_writes_nothing(ray_session, checkpoi
     results = run_job(spec, on_progress=seen.append)
     check_outputs(storage, spec, results)
     assert results["t2i"]["output"] == join(base, "out", "e2e", "t2i")
-    metrics = json.loads(storage.read_bytes(join(results["vqa"]["output"], "metrics.json")))
+    metrics = json.loads(storage.read_bytes(join(results["vqa"]["output"], ".flashu/metrics.json")))
     assert metrics["rows"] == 6 and metrics["errors"] == 2 and metrics["seconds"] > 0 and metrics["rows_per_s"] > 0
     finals = [p for p in seen if p.finished]
     assert [(p.task, p.done, p.total) for p in finals] == [("t2i", 5, 5), ("vqa", 6, 6)]
@@ -194,7 +194,7 @@ def test_repeated_ids_the_first_row_runs_later_ones_are_reported_and_a_rerun_agr
     table = read_output(Storage(), root)
     assert sorted(table.column("id").to_pylist()) == ["other", "same", "third"]  # rows out == distinct ids in
     assert {r["id"]: r["prompt"] for r in table.to_pylist()}["same"] == "a red circle"  # the first row, in read order
-    metrics = json.loads((tmp_path / "out" / "dupes" / "t2i" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "dupes" / "t2i" / ".flashu/metrics.json").read_text())
     assert metrics["input_rows"] == 5 and metrics["rows"] == 3 and metrics["rows_this_run"] == 3
     repeated = metrics["repeated_ids"]
     assert repeated["rows"] == 2 and [(e["row"], e["first_row"]) for e in repeated["examples"]] == [(3, 0), (5, 0)]

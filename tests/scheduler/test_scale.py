@@ -117,4 +117,4 @@ def test_memory_per_id_is_bounded_at_a_million_ids(tmp_path):
     summary, peak = traced_peak(lambda: output.finalize("j", "t2i", "t2i", {}))
     assert summary["rows"] == n and summary["metrics"]["duplicates_removed"] == 20_000
     assert peak < 72 * n, peak  # hashes of all commits, sorted once (the old set of strings: > 150 B/id)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["rows"] == n
+    assert json.loads((tmp_path / "out" / ".flashu/metrics.json").read_text())["rows"] == n

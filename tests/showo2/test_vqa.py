@@ -81,3 +81,16 @@ def test_left_pad_shifts_offsets_not_content():
     assert torch.equal(batch.input_ids[0, 3:], rows[0].input_ids[0])
     assert batch.image_offsets.tolist() == [rows[0].image_offsets.item() + 3, rows[1].image_offsets.item()]
     assert batch.modality_positions[0, 0, 0] == rows[0].modality_positions[0, 0, 0] + 3
+
+
+def test_one_host_read_per_generated_token(make_tiny_model, count_host_reads):
+    """Token ids and stop flags stay on the device: each extra generated token costs exactly one host read (the
+    batch's `done.all()`), whatever the batch size; setup and the final answer read cost the same for any length."""
+    model = make_tiny_model(seed=14)
+    rows, latents = rows_for(model, [3, 9, 5])
+
+    def reads(n):
+        return count_host_reads(lambda: greedy_answers(model, rows, latents, max_new_tokens=n, eos_id=-1,
+                                                       pad_id=TOKENS.pad))
+
+    assert reads(9) - reads(3) == 6
