@@ -33,24 +33,6 @@ def write_spec(path, raw: dict) -> str:
     return str(path)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc): the local Ray a driver started."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def alive(pid: int) -> bool:
     """Whether `pid` is a running process (a zombie waiting for its parent counts as gone)."""
     try:

@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 
-from app_testkit import alive, cpu_task, descendants, job, write_prompts, write_spec
+from app_testkit import alive, cpu_task, job, write_prompts, write_spec
+from batch_testkit import descendants
 from flashu_batch.jobs.output import TaskOutput, read_output
 from flashu_batch.jobs.storage import Storage
 

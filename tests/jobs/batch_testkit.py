@@ -139,3 +139,21 @@ def hub_cache(root: str, repo_id: str, folder: str) -> tuple[str, str]:
     with open(os.path.join(repo, "refs", "main"), "w") as f:
         f.write(commit)  # no newline, as huggingface_hub writes it
     return hf_home, commit
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): the local Ray a driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

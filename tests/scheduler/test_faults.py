@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batch_testkit import spec_dict
+from batch_testkit import descendants, spec_dict
 from flashu_batch.jobs.output import read_output
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.jobs.storage import Storage, join
@@ -118,24 +118,6 @@ def test_a_poison_row_fails_the_job_after_bounded_retries_and_keeps_the_rest(ray
     results = run_job(spec)  # without the fault, the re-run finishes the rest
     assert results["t2i"]["metrics"]["skipped"] == len(kept)
     check_every_id_once(storage, root)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc): the local Ray a driver started."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_pids(pids: list[int]) -> None:
