@@ -135,14 +135,17 @@ def vqa_flops(model_name: str, question_tokens: int = 20, answer_tokens: int = 1
         image = (col >= first) & (col < first + c.num_image_tokens)
         allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=META)
         real = torch.ones(1, L, dtype=torch.bool, device=META)
-        _, layer_real, importance = specialist.prefill(embeds, col.expand(1, L), allowed, real, image, cache)
-        skip = layers_to_skip(importance, flashu.layer_skip_ratio)  # the same control flow as greedy_answers
+        skipping = flashu.layer_skip_ratio > 0
+        _, layer_real, importance = specialist.prefill(embeds, col.expand(1, L), allowed, real, image, cache,
+                                                       score=skipping)
+        skip = layers_to_skip(importance, flashu.layer_skip_ratio) if skipping else frozenset()  # as greedy_answers
+        key_masks = specialist.decode_masks(layer_real, answer_tokens, torch.bfloat16)
         for k in range(answer_tokens - 1):
             model.showo.lm_head(torch.empty(1, H, device=META, dtype=torch.bfloat16))
-            recalc = flashu.layer_skip_ratio > 0 and (k + 1) % flashu.layer_skip_interval == 0
+            recalc = skipping and (k + 1) % flashu.layer_skip_interval == 0
             _, importance = specialist.decode_step(torch.zeros(1, dtype=torch.long, device=META),
-                                                   torch.full((1,), L + k, device=META), layer_real, k,
-                                                   frozenset() if recalc else skip, cache)
+                                                   torch.full((1,), L + k, device=META), key_masks,
+                                                   frozenset() if recalc else skip, cache, score=recalc)
             if recalc:
                 skip = layers_to_skip(importance, flashu.layer_skip_ratio)
         model.showo.lm_head(torch.empty(1, H, device=META, dtype=torch.bfloat16))

@@ -13,7 +13,11 @@ Decode-time layer skipping: the last token's input/output cosine per layer is me
 `layer_skip_interval`-th generated token (those run every layer); the tokens in between bypass the least important
 layers. What a bypassed layer writes to the KV cache: the key/value of its *input* (the residual stream that
 passes through it), so later tokens attending at that layer find a key for every position and cache lengths stay
-aligned; that costs one small k/v projection per skipped layer and token.
+aligned; that costs one small k/v projection per skipped layer and token. With layer skipping off
+(layer_skip_ratio 0) nothing is measured at all.
+
+Decoding runs on a preallocated KV cache (showo2/kv_cache.py) with the key masks built once per batch, token ids
+and stop flags on the device and one host sync per token, as `showo2.vqa.greedy_answers`.
 
 Shape legend: B rows, L prompt length, L' kept length, H width, N image tokens, nkv KV heads, hd head dim.
 """

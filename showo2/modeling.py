@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
+from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
@@ -88,6 +89,42 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scale: float | None = None) -> torch.Tensor:
+    """Attention where query head i reads KV head i // (nh / nkv), as upstream repeat_kv.
+
+    q (B, nh, L, hd), k and v (B, nkv, Lk, hd), attention_mask additive (B, 1, L, Lk) or (B, 1, 1, Lk) or None
+    -> (B, nh, L, hd). With a one-row mask (every query sees the same keys: the prefix-cached T2I step) or none,
+    the nh / nkv query heads of each KV head are folded into the query sequence, so SDPA sees nkv heads, no copied
+    K/V and a plain (broadcast) mask: the memory-efficient kernel takes that, while enable_gqa with a mask falls
+    back to the math kernel on CUDA (dense scores). Other masks (the full-sequence reference) use enable_gqa.
+    """
+    B, nh, L, hd = q.shape
+    nkv = k.shape[1]
+    if nkv == nh or (attention_mask is not None and attention_mask.shape[-2] != 1):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale, enable_gqa=True)
+    g = nh // nkv
+    folded = q.reshape(B, nkv, g * L, hd)  # heads j*g .. j*g+g-1 share KV head j: (B, nkv, g*L, hd)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=attention_mask, scale=scale)  # (B, nkv, g*L, hd)
+    return out.reshape(B, nh, L, hd)
+
+
+def llm_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The LLM's attention kernel (registered below as "showo2_sdpa", chosen in `Showo2.__init__`): transformers'
+    SDPA path, except that one-row masks (the prefix-cached T2I step, cached decoding) go through
+    `grouped_query_attention` instead of repeating K/V for every query head. query (B, nh, L, hd), key and value
+    (B, nkv, Lk, hd) -> ((B, L, nh, hd), None), as transformers' attention functions."""
+    one_row = attention_mask.shape[-2] == 1 if attention_mask is not None else query.shape[2] == 1
+    if one_row and dropout == 0.0:  # every query sees the same keys (no mask and L > 1 would mean causal)
+        out = grouped_query_attention(query, key, value, attention_mask, scale=scaling)  # (B, nh, L, hd)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+AttentionInterface.register("showo2_sdpa", llm_attention)
+
+
 class HeadAttention(nn.Module):
     """Flow-head attention: GQA, no biases, per-head RMSNorm on q and k before RoPE."""
 
@@ -114,8 +151,7 @@ class HeadAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, Lk, hd)
-        # enable_gqa: query head i reads kv head i // (nh / nkv), as upstream repeat_kv does.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)  # (B, nh, L, hd)
+        out = grouped_query_attention(q, k, v, attention_mask)  # (B, nh, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -199,7 +235,7 @@ class Showo2(nn.Module):
         H, D, Dh, C, p = (config.hidden_size, config.clip_latent_dim, config.head.hidden_size,
                           config.image_latent_dim, config.patch_size)
         llm_config = Qwen2Config(**{**config.llm, "vocab_size": config.llm_vocab_size})
-        llm_config._attn_implementation = "sdpa"
+        llm_config._attn_implementation = "showo2_sdpa"  # transformers' "sdpa" plus native grouped-query heads
         self.showo = Qwen2ForCausalLM(llm_config)
 
         self.image_embedder_und = PatchEmbed(p, C, D)

@@ -34,9 +34,9 @@ class Showo2Pipeline:
     vae: WanVAE
     tokenizer: object  # a transformers tokenizer with the Show-o2 special tokens
     tokens: SpecialTokens
-    # caption text -> its token ids, so a caller that checks a prompt's length and then generates with it tokenizes
-    # it once (the T2I worker); bounded by MAX_MEMO_TEXTS
-    text_ids_memo: dict = field(default_factory=dict, repr=False, compare=False)
+    # caption text (or ("vqa", question, layout)) -> its token ids, so a caller that checks a prompt's length and
+    # then runs it tokenizes it once (the workers); bounded by MAX_MEMO_TEXTS
+    tokenized_memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -120,12 +120,21 @@ class Showo2Pipeline:
 
     def text_ids(self, text: str) -> list[int]:
         """Raw-text token ids (no special tokens, as upstream's captions), tokenized once per text (memoised)."""
-        ids = self.text_ids_memo.get(text)
-        if ids is None:
-            if len(self.text_ids_memo) >= MAX_MEMO_TEXTS:
-                self.text_ids_memo.clear()
-            ids = self.text_ids_memo[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(ids)
+        return list(self.memoised(text, lambda: tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])))
+
+    def vqa_prompt_ids(self, question: str, layout: VQALayout) -> tuple[list, list, list]:
+        """`layouts.vqa_prompt_ids` for this tokenizer, tokenized once per (question, layout) (memoised)."""
+        pieces = self.memoised(("vqa", question, layout), lambda: tuple(
+            tuple(ids) for ids in vqa_prompt_ids(self.tokenizer, self.tokens, question, layout)))
+        return tuple(list(ids) for ids in pieces)
+
+    def memoised(self, key, tokenize):
+        value = self.tokenized_memo.get(key)
+        if value is None:
+            if len(self.tokenized_memo) >= MAX_MEMO_TEXTS:
+                self.tokenized_memo.clear()
+            value = self.tokenized_memo[key] = tokenize()
+        return value
 
     @torch.no_grad()
     def text_to_image(self, prompts: list[str], *, seeds: list[int] | None = None, num_inference_steps: int = 50,
@@ -251,7 +260,7 @@ class Showo2Pipeline:
         # 3. Prompts of any lengths in one batch, prefill + KV-cached greedy decoding
         rows = []
         for question in questions:
-            text_a, question_ids, role_b = vqa_prompt_ids(self.tokenizer, self.tokens, question, layout)
+            text_a, question_ids, role_b = self.vqa_prompt_ids(question, layout)
             rows.append(vqa_sequence(question_ids, text_a, role_b, self.tokens, self.model.config.num_image_slots,
                                      layout))
         sampling = {}  # greedy: the decode function is called exactly as before sampling existed

@@ -69,7 +69,9 @@ class PrefixCachedVelocity:
         # Span queries see the row's real prefix (keys < offset) and the whole span; padded prefix keys are masked.
         key_pos = torch.arange(P + S, device=device)
         allowed = (key_pos[None, :] < offsets[:, None]) | (key_pos[None, :] >= P)  # (R, P+S)
-        self.span_mask = additive_mask(allowed[:, None, None, :].expand(R, 1, S, P + S), dtype)
+        # (R, 1, 1, P+S): every span query sees the same keys, so one mask row broadcasts (and the flow head folds
+        # its query groups, see modeling.grouped_query_attention)
+        self.span_mask = additive_mask(allowed[:, None, None, :], dtype)
         self.span_positions = offsets[:, None] + torch.arange(S, device=device)  # (R, S) absolute positions
         self.in_span = torch.ones(R, S, 1, dtype=torch.bool, device=device)  # every span slot is modulated
         self.prefix_ids = seqs.input_ids[:, :P]

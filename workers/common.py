@@ -162,7 +162,10 @@ def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
         from flashu_batch.flashu.calibrate import specialize_t2i, specialize_vqa
 
         # deterministic: every actor gets the same specialist
-        specialist, _ = specialize_t2i(pipe.model, pipe.tokenizer, pipe.tokens) if kind == "t2i" else specialize_vqa(pipe)
+        if kind == "t2i":
+            specialist, _ = specialize_t2i(pipe.model, pipe.tokenizer, pipe.tokens)
+        else:
+            specialist, _ = specialize_vqa(pipe)
         return pipe, specialist
     from flashu_batch.flashu.artifact import load_generation_specialist, load_understanding_specialist
 

@@ -81,12 +81,10 @@ class VQAWorker:
     def question_problem(self, question) -> str | None:
         """A question too long for the model's positions, as a row error (checked per row: the model would fail
         the whole batch, or slow it to a crawl). Other bad values are left to the pipeline's own checks."""
-        from flashu_batch.showo2.layouts import vqa_prompt_ids
-
         if not isinstance(question, str):
             return None
-        text_a, question_ids, role_b = vqa_prompt_ids(self.pipe.tokenizer, self.pipe.tokens, question,
-                                                      self.params.layout)
+        # memoised: pipe.answer reuses these ids
+        text_a, question_ids, role_b = self.pipe.vqa_prompt_ids(question, self.params.layout)
         # the row holds the template, <|image_start|> + image slots + <|image_end|>, the question, then the answer
         others = len(text_a) + len(role_b) + self.pipe.model.config.num_image_slots + 2 + self.params.max_new_tokens
         limit = self.max_positions - others

@@ -36,3 +36,27 @@ def test_gpu_bench_smoke_on_cpu_without_optional_packages(tmp_path):
     assert set(result["official"]) == {"t2i", "vqa_bf16", "vqa_fp32"}
     (written,) = tmp_path.glob("gpu-tiny-cpu-*.json")  # the same object, written under --out
     assert json.loads(written.read_text()) == result
+
+
+def test_gpu_bench_times_the_workers_of_a_spec(tmp_path, checkpoint):
+    """--worker-spec: each task's worker built from the spec as the pipeline builds it, called on pyarrow batches."""
+    from batch_testkit import spec_dict
+
+    from flashu_batch.bench.gpu import main
+
+    spec = spec_dict("bench", checkpoint, [
+        dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output="out", params=dict(steps=2)),
+        dict(kind="vqa", input=dict(uris="in.parquet", format="parquet"), output="out2",
+             params=dict(max_new_tokens=3))])
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--t2i-batches", "1", "--vqa-batches", "2",
+          "--answer-tokens", "2", "--repeats", "1", "--no-flashu", "--no-official", "--worker-spec", str(path),
+          "--out", str(tmp_path / "results")])
+    (written,) = (tmp_path / "results").glob("*.json")
+    workers = json.loads(written.read_text())["workers"]
+    assert {w["kind"] for w in workers.values()} == {"t2i", "vqa"}
+    for w in workers.values():
+        assert w["load_s"] > 0 and len(w["rows"]) == 1
+    rates = {w["kind"]: w["rows"][0] for w in workers.values()}
+    assert rates["t2i"]["images_per_s"] > 0 and rates["vqa"]["answers_per_s"] > 0 and rates["vqa"]["batch"] == 2

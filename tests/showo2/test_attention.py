@@ -29,3 +29,26 @@ def test_full_masks_take_the_reference_path_unchanged():
     mask = additive_mask(causal[None, None].expand(2, 1, 9, 9), q.dtype)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert torch.equal(grouped_query_attention(q, k, v, mask), reference)
+
+
+def test_llm_kernel_equals_transformers_sdpa_on_the_prefix_cached_step(make_tiny_model):
+    """The LLM's "showo2_sdpa" (grouped heads folded for one-row masks) against transformers' own "sdpa"
+    (repeat_kv) on the T2I step, and on cached VQA decoding: equal within 1e-5 (bit-equal on CPU fp32 here)."""
+    from flashu_batch.showo2.layouts import t2i_sequences
+    from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+    from flashu_batch.showo2.tokenizer import SpecialTokens
+
+    model = make_tiny_model(seed=3)
+    c, tokens = model.config, SpecialTokens.from_layout(1000)
+    assert model.showo.config._attn_implementation == "showo2_sdpa"
+    assert c.llm["num_attention_heads"] > c.llm["num_key_value_heads"]  # grouped heads are exercised
+    seqs = t2i_sequences([[5] * 3, [7] * 11], tokens, c.num_image_slots, c.default_max_seq_len)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, c.image_latent_dim, *c.latent_size, generator=g), torch.full((2,), 0.3)
+    fused = PrefixCachedVelocity(model, seqs, use_cfg=True)(x, t)
+    model.showo.config._attn_implementation = "sdpa"
+    try:
+        reference = PrefixCachedVelocity(model, seqs, use_cfg=True)(x, t)
+    finally:
+        model.showo.config._attn_implementation = "showo2_sdpa"
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)

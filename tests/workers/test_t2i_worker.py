@@ -119,7 +119,7 @@ def test_each_prompt_is_tokenized_once(checkpoint, monkeypatch):
     (num_images_per_prompt copies included), and the same images as with a fresh tokenization."""
     worker = make_worker(checkpoint, params=dict(steps=2, guidance_scale=3.0, num_images_per_prompt=2))
     expected = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[1, 2]))["image_bytes"]
-    worker.pipe.text_ids_memo.clear()
+    worker.pipe.tokenized_memo.clear()
     tokenizer, texts = worker.pipe.tokenizer, []
 
     class Counting:

@@ -106,3 +106,25 @@ def test_specialize_on_start_calibrates_in_the_worker(checkpoint):
     assert out_first["error"][0] is None
     assert out_first["image_bytes"][0] == out_second["image_bytes"][0]  # both actors made the same specialist
     assert json.loads(out_first["model"][0])["steps"] == 35
+
+
+def test_each_question_is_tokenized_once(checkpoint, monkeypatch):
+    """The worker checks each question's length and then answers it: the prompt pieces are tokenized once per
+    question (4 tokenizer calls: the three template pieces and the question), with the same answers."""
+    worker = make_worker(checkpoint)
+    rows = batch(["a", "b"], ["what color", "what shape is this"], [png_bytes(), png_bytes((0, 0, 255), (64, 64))])
+    expected = run(worker, rows)["answer"]
+    worker.pipe.tokenized_memo.clear()
+    tokenizer, texts = worker.pipe.tokenizer, []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            texts.append(text)
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(worker.pipe, "tokenizer", Counting())
+    assert run(worker, rows)["answer"] == expected
+    assert len(texts) == 8 and sum(t in ("what color", "what shape is this") for t in texts) == 2
