@@ -125,10 +125,10 @@ def _check_checkpoint(model, storage: Storage, problems: list[str]) -> None:
     ckpt = model.checkpoint
     if parse_ref(ckpt) is not None:  # the Hub: is it there; its own VAE and tokenizer are the workers' to find
         _check_hub(parse_ref(ckpt), "checkpoint", "model.checkpoint", problems)
-        for field, value, what in (("model.vae_path", model.vae_path, "file"),
-                                   ("model.tokenizer_path", model.tokenizer_path, "tokenizer")):
+        for name, value, what in (("model.vae_path", model.vae_path, "file"),
+                                  ("model.tokenizer_path", model.tokenizer_path, "tokenizer")):
             if value and parse_ref(value, file=what == "file") is not None:
-                _check_hub(parse_ref(value, file=what == "file"), what, field, problems)
+                _check_hub(parse_ref(value, file=what == "file"), what, name, problems)
         return
     if not is_s3(ckpt) and not os.path.isdir(ckpt):
         problems.append(f"model.checkpoint: {ckpt!r} is not a folder; expected a Show-o2 checkpoint folder (with "

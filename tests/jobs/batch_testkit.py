@@ -157,3 +157,42 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def task_output(request, tmp_path, bucket: str):
+    """A VQA TaskOutput under tmp_path (request.param "local") or in a bucket of the session's S3 server ("s3")."""
+    from flashu_batch.jobs.output import TaskOutput
+    from flashu_batch.jobs.spec import StorageSpec
+    from flashu_batch.jobs.storage import Storage, join
+
+    if request.param == "local":
+        return TaskOutput(Storage(), str(tmp_path / "job" / "vqa"))
+    url = request.getfixturevalue("s3_endpoint")
+    storage = Storage(StorageSpec(endpoint_url=url, path_style=True))
+    return TaskOutput(storage, join(make_bucket(url, bucket), tmp_path.name, "job", "vqa"))
+
+
+def vqa_rows(ids, error_ids=()):
+    """VQA result rows for `ids`, those in error_ids failed."""
+    import pyarrow as pa
+
+    from flashu_batch.jobs.output import VQA_SCHEMA
+
+    return pa.Table.from_pylist([dict(id=i, question="q", answer=None if i in error_ids else f"a{i}",
+                                      error="bad" if i in error_ids else None) for i in ids], schema=VQA_SCHEMA)
+
+
+def count_tokenizer_calls(monkeypatch, pipe) -> list:
+    """The texts `pipe`'s tokenizer is called on from now on (the list fills as it is called)."""
+    tokenizer, texts = pipe.tokenizer, []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            texts.append(text)
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(pipe, "tokenizer", Counting())
+    return texts

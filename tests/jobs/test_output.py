@@ -2,27 +2,19 @@
 
 import json
 
-import pyarrow as pa
 import pytest
 
-from batch_testkit import make_bucket
+from batch_testkit import task_output, vqa_rows
 from flashu_batch.jobs.output import T2I_SCHEMA, VQA_SCHEMA, TaskOutput, read_output
-from flashu_batch.jobs.spec import StorageSpec
 from flashu_batch.jobs.storage import Storage, join
 
 
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
-    if request.param == "local":
-        return TaskOutput(Storage(), str(tmp_path / "job" / "vqa"))
-    url = request.getfixturevalue("s3_endpoint")
-    storage = Storage(StorageSpec(endpoint_url=url, path_style=True))
-    return TaskOutput(storage, join(make_bucket(url, "output-test"), tmp_path.name, "job", "vqa"))
+    return task_output(request, tmp_path, "output-test")
 
 
-def rows(ids, error_ids=()) -> pa.Table:
-    return pa.Table.from_pylist([dict(id=i, question="q", answer=None if i in error_ids else f"a{i}",
-                                      error="bad" if i in error_ids else None) for i in ids], schema=VQA_SCHEMA)
+rows = vqa_rows  # VQA result rows, some failed
 
 
 def data_files(output) -> list[str]:

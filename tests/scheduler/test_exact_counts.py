@@ -13,13 +13,12 @@ import subprocess
 import sys
 import textwrap
 
-import pyarrow as pa
 import pytest
 import yaml
 
-from batch_testkit import make_bucket, spec_dict
-from flashu_batch.jobs.output import VQA_SCHEMA, TaskOutput, read_output
-from flashu_batch.jobs.spec import StorageSpec, parse_spec
+from batch_testkit import spec_dict, task_output, vqa_rows
+from flashu_batch.jobs.output import TaskOutput, read_output
+from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler.driver import run_job
 from flashu_batch.scheduler.pipeline import TASK_OOM_RETRIES
@@ -30,16 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
-    if request.param == "local":
-        return TaskOutput(Storage(), str(tmp_path / "job" / "vqa"))
-    url = request.getfixturevalue("s3_endpoint")
-    storage = Storage(StorageSpec(endpoint_url=url, path_style=True))
-    return TaskOutput(storage, join(make_bucket(url, "exact-counts"), tmp_path.name, "job", "vqa"))
+    return task_output(request, tmp_path, "exact-counts")
 
 
-def rows(ids, error_ids=()) -> pa.Table:
-    return pa.Table.from_pylist([dict(id=i, question="q", answer=None if i in error_ids else f"a{i}",
-                                      error="bad" if i in error_ids else None) for i in ids], schema=VQA_SCHEMA)
+rows = vqa_rows  # VQA result rows, some failed
 
 
 def data_files(output: TaskOutput) -> list[str]:

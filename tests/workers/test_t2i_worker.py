@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from batch_testkit import build_worker, run, spec_dict
+from batch_testkit import build_worker, count_tokenizer_calls, run, spec_dict
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.workers import T2IWorker
 from flashu_batch.workers.common import row_seed
@@ -120,17 +120,7 @@ def test_each_prompt_is_tokenized_once(checkpoint, monkeypatch):
     worker = make_worker(checkpoint, params=dict(steps=2, guidance_scale=3.0, num_images_per_prompt=2))
     expected = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[1, 2]))["image_bytes"]
     worker.pipe.tokenized_memo.clear()
-    tokenizer, texts = worker.pipe.tokenizer, []
-
-    class Counting:
-        def __call__(self, text, **kwargs):
-            texts.append(text)
-            return tokenizer(text, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-    monkeypatch.setattr(worker.pipe, "tokenizer", Counting())
+    texts = count_tokenizer_calls(monkeypatch, worker.pipe)
     out = run(worker, batch(["a", "b"], ["a red circle", "a blue square"], seeds=[1, 2]))
     assert out["image_bytes"] == expected
     assert sorted(texts) == ["a blue square", "a red circle"]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from batch_testkit import build_worker, png_bytes, run, spec_dict
+from batch_testkit import build_worker, count_tokenizer_calls, png_bytes, run, spec_dict
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.workers import T2IWorker, VQAWorker
 
@@ -115,16 +115,6 @@ def test_each_question_is_tokenized_once(checkpoint, monkeypatch):
     rows = batch(["a", "b"], ["what color", "what shape is this"], [png_bytes(), png_bytes((0, 0, 255), (64, 64))])
     expected = run(worker, rows)["answer"]
     worker.pipe.tokenized_memo.clear()
-    tokenizer, texts = worker.pipe.tokenizer, []
-
-    class Counting:
-        def __call__(self, text, **kwargs):
-            texts.append(text)
-            return tokenizer(text, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
-
-    monkeypatch.setattr(worker.pipe, "tokenizer", Counting())
+    texts = count_tokenizer_calls(monkeypatch, worker.pipe)
     assert run(worker, rows)["answer"] == expected
     assert len(texts) == 8 and sum(t in ("what color", "what shape is this") for t in texts) == 2
