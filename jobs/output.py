@@ -132,6 +132,10 @@ class TaskOutput:
         """Where data file `rel` waits for its commit."""
         return join(self.root, STAGING, rel.rsplit("/", 1)[-1] + ".staged")
 
+    def publish(self, rel: str) -> None:
+        """Move committed data file `rel` from staging to data/: readers see it from now on. Only after its record."""
+        self.storage.move(self.staged(rel), join(self.root, rel))
+
     def record_uri(self, key: str) -> str:
         return join(self.root, COMMITS, f"{key}.json")
 
@@ -149,7 +153,7 @@ class TaskOutput:
             committed = self.storage.create(self.record_uri(ids_key(ids, run_id)), payload)
             owner = None if committed else run_id  # its key holds the run id: only this run makes that record
         if committed:
-            self.storage.move(self.staged(rel), join(self.root, rel))  # published: readers see it from now on
+            self.publish(rel)
         else:
             self.storage.delete(self.staged(rel))
         this_run = committed or (bool(run_id) and owner == run_id)  # "": no run to tell a retry from another writer
@@ -219,7 +223,7 @@ class TaskOutput:
         staged = {f["uri"] for f in self.storage.list(join(self.root, STAGING))}
         for r in records:
             if r["file"] not in data_files and self.staged(r["file"]) in staged:
-                self.storage.move(self.staged(r["file"]), join(self.root, r["file"]))
+                self.publish(r["file"])
                 staged.discard(self.staged(r["file"]))
                 data_files[r["file"]] = dict(uri=join(self.root, r["file"]), mtime=time.time())
         missing = [r for r in records if r["file"] not in data_files]
@@ -309,7 +313,7 @@ class TaskOutput:
                    run_id="finalize", created_unix=time.time(), replaces=[record["key"]])
         key = ids_key(ids)
         self.storage.create(self.record_uri(key), json.dumps(new).encode())
-        self.storage.move(self.staged(rel), join(self.root, rel))
+        self.publish(rel)
         return dict(new, key=key)
 
 

@@ -22,7 +22,7 @@ from flashu_batch.jobs.ids import find, hash_ids
 from flashu_batch.jobs.output import SCHEMAS, TaskOutput
 from flashu_batch.jobs.spec import InputSpec, ModelSpec, ResourcesSpec, StorageSpec
 from flashu_batch.jobs.storage import Storage, StorageUnavailable
-from flashu_batch.scheduler.read import ROW_SCHEMAS, InputError, read_units, unit_row_ids
+from flashu_batch.scheduler.read import ROW_SCHEMAS, InputError, carry_columns, read_units, unit_row_ids
 from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
 
 # One row per write (TaskOutput.write_and_commit): "committed" whether this write made the commit record, "this_run"
@@ -158,10 +158,7 @@ def to_output_table(batch: pa.Table, kind: str) -> pa.Table:
         columns["image"] = [None if b is None else {"bytes": b, "path": p}
                             for b, p in zip(columns.pop("image_bytes"), columns.pop("image_path"))]
     table = pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in schema}, schema=schema)
-    for name in batch.column_names:
-        if name not in worker_columns:
-            table = table.append_column(batch.schema.field(name), batch.column(name))
-    return table
+    return carry_columns(table, batch, worker_columns)
 
 
 def validate_rows(batch: pa.Table, kind: str, storage: Storage, params) -> pa.Table:
@@ -173,10 +170,7 @@ def validate_rows(batch: pa.Table, kind: str, storage: Storage, params) -> pa.Ta
     else:
         checked = validate_vqa(rows, storage, max_image_pixels=params.max_image_pixels,
                                max_image_bytes=params.max_image_bytes)
-    for name in batch.column_names:
-        if name not in names:
-            checked = checked.append_column(batch.schema.field(name), batch.column(name))
-    return checked
+    return carry_columns(checked, batch, names)
 
 
 class WorkerStartError(RuntimeError):

@@ -21,7 +21,7 @@ import pyarrow as pa
 from flashu_batch.jobs.spec import (ModelSpec, ResourcesSpec, SpecError, StorageSpec, T2IParams, VQAParams,
                                     format_errors)
 from flashu_batch.scheduler.pipeline import CPU_STAGE, inference_stages, map_stage
-from flashu_batch.scheduler.read import ROW_SCHEMAS, canonical_row
+from flashu_batch.scheduler.read import ROW_SCHEMAS, canonical_row, carry_columns
 
 PARAMS = {"t2i": T2IParams, "vqa": VQAParams}
 REQUIRED_COLUMNS = {"t2i": ("prompt",), "vqa": ("question", "image")}
@@ -109,7 +109,4 @@ def canonical_rows(batch: pa.Table, kind: str) -> pa.Table:
     rows = [canonical_row(kind, {name: column[i] for name, column in values.items()}, {}, None, source="",
                           position=0, base=os.getcwd(), where=f"row {i}") for i in range(batch.num_rows)]
     table = pa.Table.from_pylist(rows, schema=ROW_SCHEMAS[kind])
-    for name in names:
-        if name not in table.column_names:
-            table = table.append_column(batch.schema.field(name), batch.column(name))
-    return table
+    return carry_columns(table, batch, table.column_names)

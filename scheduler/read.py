@@ -240,9 +240,16 @@ def unit_table(unit: dict, kind: str, fmt: str, columns: dict, storage: Storage,
         raws, names, values = _text_unit(unit, fmt, columns, storage, keep_columns)
         extras = pa.table({name: pa.array([_text_value(row.get(name)) for row in values], pa.string())
                            for name in names})
-    table = pa.Table.from_pylist([row for _, row in _canonical_rows(unit, kind, fmt, raws)], schema=ROW_SCHEMAS[kind])
-    for field, column in zip(extras.schema, extras.columns):
-        table = table.append_column(field, column)
+    rows = [row for _, row in _canonical_rows(unit, kind, fmt, raws)]
+    return carry_columns(pa.Table.from_pylist(rows, schema=ROW_SCHEMAS[kind]), extras, ())
+
+
+def carry_columns(table: pa.Table, batch: pa.Table, taken) -> pa.Table:
+    """`table` with the columns of `batch` not named in `taken` appended as they came (their Arrow types kept): a
+    stage's own columns first, then whatever else the rows carry (a user's url, license, ...)."""
+    for name in batch.column_names:
+        if name not in taken:
+            table = table.append_column(batch.schema.field(name), batch.column(name))
     return table
 
 
