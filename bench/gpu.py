@@ -12,7 +12,8 @@ defaults), the official-style loops at batch 1 in the same process (T2I: the who
 logits at every position recomputed at every step, inference_t2i.py; VQA: the whole growing sequence recomputed for
 every token, inference_mmu.py, in fp32 as upstream and in bf16), peak memory, and achieved TFLOP/s (FLOPs counted
 by bench.flops on the meta device) against a bf16 matmul probe run in the same process. Every time is the median of
---repeats timed runs after one warm-up. `summary` holds the headline numbers. Needs only torch, transformers,
+--repeats timed runs after one warm-up; compile_s is the warm-up run's excess over that median (with --compile,
+every variant compiled as the workers compile it, showo2/compile.py). `summary` holds the headline numbers. Needs only torch, transformers,
 safetensors (no ray, boto3 or pydantic).
 
 With --worker-spec SPEC (a job spec, YAML or JSON) it also times the workers' own code path: each task's
@@ -28,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -35,6 +37,7 @@ from flashu_batch.bench.flops import MODELS, t2i_flops, vqa_flops
 from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
 from flashu_batch.flashu.understanding import UnderstandingSpecialist, understanding_widths
+from flashu_batch.showo2.compile import compiler_for
 from flashu_batch.showo2.config import Showo2Config
 from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
 from flashu_batch.showo2.modeling import Showo2
@@ -79,7 +82,17 @@ def matmul_probe_tflops(device, dtype, n: int = 8192, iters: int = 20) -> float:
 
 def timed(fn, device, repeats: int = 3) -> float:
     """Median wall time of `repeats` runs of fn after one warm-up run (kernels, allocator, autotuning)."""
+    return first_and_timed(fn, device, repeats)[1]
+
+
+def first_and_timed(fn, device, repeats: int = 3) -> tuple[float, float]:
+    """(wall time of the first, warm-up run, median of the `repeats` runs after it). The first run's excess over the
+    median is what compiling (and one-time allocation) cost: reported as compile_s."""
+    sync(device)
+    start = time.perf_counter()
     fn()
+    sync(device)
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         sync(device)
@@ -87,7 +100,7 @@ def timed(fn, device, repeats: int = 3) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return first, statistics.median(times)
 
 
 def sig(x: float) -> float:
@@ -145,7 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--t2i-batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--vqa-batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is kept)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the T2I step (fullgraph)")
+    parser.add_argument("--compile", action="store_true", help="compile every variant as the workers do with "
+                        "model.compile 'on' (showo2/compile.py; on CPU with dynamo's eager backend)")
     parser.add_argument("--no-flashu", action="store_true", help="skip the FlashU timings")
     parser.add_argument("--no-official", action="store_true", help="skip the official-style loops")
     parser.add_argument("--worker-spec", help="also time the workers of this job spec's tasks (needs pydantic)")
@@ -171,6 +185,8 @@ def main(argv=None) -> None:
     specialist = GenerationSpecialist(model, pruned_widths(model, flashu), flashu)
     vqa_flashu = FlashUUnderstandingConfig()
     vqa_specialist = UnderstandingSpecialist(model, understanding_widths(model, vqa_flashu), vqa_flashu)
+    compiler = compiler_for("on", device) if args.compile else None
+    exact_decode = partial(greedy_answers, static=compiler.static_decoder()) if compiler else greedy_answers
     probe = matmul_probe_tflops(device, dtype)
     # FLOPs per image / answer grow linearly with the batch: count once (meta device, seconds on the CPU)
     t2i_per_image = t2i_flops(args.model, 1, args.steps)
@@ -191,31 +207,31 @@ def main(argv=None) -> None:
 
         def generate():
             with torch.no_grad():
-                step = PrefixCachedVelocity(model, seqs, use_cfg=True)
-                velocity_fn = torch.compile(step.__call__, fullgraph=True) if args.compile else step
-                latents = generate_latents(velocity_fn, noise,
+                latents = generate_latents(PrefixCachedVelocity(model, seqs, use_cfg=True, compiler=compiler), noise,
                                            num_inference_steps=args.steps, guidance_scale=args.guidance,
                                            model_dtype=dtype)
                 return vae.decode(latents.to(dtype))
 
         def generate_flashu():
             with torch.no_grad():
-                latents = generate_latents(specialist.velocity_fn(seqs, use_cfg=True), noise,
+                latents = generate_latents(specialist.velocity_fn(seqs, use_cfg=True, compiler=compiler), noise,
                                            num_inference_steps=flashu.num_inference_steps,
                                            guidance_scale=specialist.guidance_scales(args.guidance),
                                            model_dtype=dtype)
                 return vae.decode(latents.to(dtype))
 
         reset_peak(device)
-        seconds = timed(generate, device, args.repeats)
+        first, seconds = first_and_timed(generate, device, args.repeats)
         tflop = t2i_per_image["baseline_tflop_per_image"] * batch
         row = dict(batch=batch, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3),
+                   compile_s=round(max(first - seconds, 0.0), 3),
                    achieved_tflops=sig(tflop / seconds), fraction_of_probe=sig(tflop / seconds / probe),
                    peak_gib=peak_gib(device))
         if not args.no_flashu:
             reset_peak(device)
-            flashu_seconds = timed(generate_flashu, device, args.repeats)
+            first, flashu_seconds = first_and_timed(generate_flashu, device, args.repeats)
             row.update(flashu_seconds=round(flashu_seconds, 3), flashu_images_per_s=round(batch / flashu_seconds, 3),
+                       flashu_compile_s=round(max(first - flashu_seconds, 0.0), 3),
                        flashu_speedup=round(seconds / flashu_seconds, 2),
                        flashu_achieved_tflops=sig(t2i_per_image["flashu_tflop_per_image"] * batch / flashu_seconds),
                        flashu_peak_gib=peak_gib(device))
@@ -233,21 +249,24 @@ def main(argv=None) -> None:
     for batch in args.vqa_batches:
         rows, pixels = vqa_inputs(batch, dtype)
 
-        def answer(decode=greedy_answers):
+        def answer(decode=exact_decode):
             with torch.no_grad():
                 latents = vae.encode(pixels).to(dtype)
                 return decode(model, rows, latents, max_new_tokens=args.answer_tokens, eos_id=-1, pad_id=tokens.pad)
 
         reset_peak(device)
-        seconds = timed(answer, device, args.repeats)
+        first, seconds = first_and_timed(answer, device, args.repeats)
         tflop = vqa_per_answer["baseline_tflop_per_answer"] * batch
         row = dict(batch=batch, seconds=round(seconds, 3), answers_per_s=round(batch / seconds, 2),
+                   compile_s=round(max(first - seconds, 0.0), 3),
                    achieved_tflops=sig(tflop / seconds), fraction_of_probe=sig(tflop / seconds / probe),
                    peak_gib=peak_gib(device))
         if not args.no_flashu:
             reset_peak(device)
-            flashu_seconds = timed(lambda: answer(vqa_specialist.greedy_answers), device, args.repeats)
+            first, flashu_seconds = first_and_timed(lambda: answer(vqa_specialist.greedy_answers), device,
+                                                    args.repeats)
             row.update(flashu_seconds=round(flashu_seconds, 3), flashu_answers_per_s=round(batch / flashu_seconds, 2),
+                       flashu_compile_s=round(max(first - flashu_seconds, 0.0), 3),
                        flashu_speedup=round(seconds / flashu_seconds, 2),
                        flashu_achieved_tflops=sig(vqa_per_answer["flashu_tflop_per_answer"] * batch / flashu_seconds),
                        flashu_peak_gib=peak_gib(device))
@@ -288,7 +307,12 @@ def worker_timings(spec_path: str, t2i_batches: list[int], vqa_batches: list[int
         worker = (T2IWorker if t2i else VQAWorker)(**worker_kwargs(spec.model, task.params, task.resources,
                                                                    spec.storage, spec.job_id))
         sync(device)
-        entry = dict(kind=task.kind, load_s=round(time.perf_counter() - start, 3), rows=[])
+        built = time.perf_counter() - start
+        # load_s: the pipeline's load; compile_s: compiling and warming up at load (model.compile), where the worker
+        # reports them (seconds to build the worker otherwise)
+        compile_s = getattr(worker, "compile_seconds", None)
+        entry = dict(kind=task.kind, load_s=round(getattr(worker, "load_seconds", built), 3),
+                     compile_s=None if compile_s is None else round(compile_s, 3), rows=[])
         for batch in (t2i_batches if t2i else vqa_batches):
             ids = [f"r{i}" for i in range(batch)]
             if t2i:

@@ -10,6 +10,7 @@ Shape legend: R rows (2B with CFG), B images, S span slots, H LLM width, Dh flow
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -57,22 +58,51 @@ class GenerationSpecialist:
     ffn_widths: tuple[int, ...]
     config: FlashUGenerationConfig
 
-    def velocity_fn(self, seqs: Sequences, use_cfg: bool) -> "FlashUVelocity":
-        return FlashUVelocity(self.model, seqs, use_cfg, self.config, self.ffn_widths)
+    def velocity_fn(self, seqs: Sequences, use_cfg: bool, compiler=None) -> "FlashUVelocity":
+        return FlashUVelocity(self.model, seqs, use_cfg, self.config, self.ffn_widths, compiler)
 
     def guidance_scales(self, guidance_scale: float) -> list[float]:
         """One guidance value per model call: the schedule's, or the request's constant."""
         return [guidance_scale if p.guidance is None else p.guidance for p in generation_plan(self.config)]
 
-    def pipeline_kwargs(self, guidance_scale: float) -> dict:
-        """Keyword arguments that make `Showo2Pipeline.text_to_image` run this specialist."""
+    def pipeline_kwargs(self, guidance_scale: float, compiler=None) -> dict:
+        """Keyword arguments that make `Showo2Pipeline.text_to_image` run this specialist (compiled by `compiler`, a
+        showo2.compile.Compiler, when given)."""
         return dict(num_inference_steps=self.config.num_inference_steps,
-                    guidance_scale=self.guidance_scales(guidance_scale), velocity_factory=self.velocity_fn)
+                    guidance_scale=self.guidance_scales(guidance_scale),
+                    velocity_factory=partial(self.velocity_fn, compiler=compiler))
+
+
+def run_layer(layer, h, width, **kwargs):
+    """LLM layer `layer` with its FFN cut to `width` neurons: the stock layer at full width (bit-identical to the
+    baseline), else ffn_prune.decoder_layer. The unit FlashU compiles: one graph per width, shared by all layers."""
+    if width == layer.mlp.down_proj.in_features:
+        return layer(h, **kwargs)
+    return decoder_layer(layer, h, width, **kwargs)
+
+
+def image_span(model: Showo2, x, time_token, use_cfg: bool):
+    """Latents x (B, C, h, w), time token (B, H) -> the span (R, S, H): time slot, then the fused image tokens."""
+    span = torch.cat([time_token[:, None], model.embed_image(x)], dim=1)  # (B, S, H)
+    return torch.cat([span, span]) if use_cfg else span
+
+
+def head_blocks(model: Showo2, *args):
+    return model.head_blocks(*args)  # a region of its own (compiled); the method is looked up per call
+
+
+def head_output(model: Showo2, blocks, temb, in_span):
+    """Flow-head block outputs (R, S, Dh) -> velocity (R, C, h, w): the final layer, read from the span."""
+    head_out = model.diffusion_head_b(blocks, temb, in_span)
+    return model.read_velocity(head_out, torch.zeros_like(blocks[:, 0, 0], dtype=torch.long))
 
 
 class FlashUVelocity(PrefixCachedVelocity):
+    """compiler (showo2.compile.Compiler, None: eager) compiles the step per region: one LLM layer (`run_layer`),
+    the image path, the flow-head blocks and the final layer; the plan only changes which of them run."""
+
     def __init__(self, model: Showo2, seqs: Sequences, use_cfg: bool, config: FlashUGenerationConfig,
-                 ffn_widths: tuple[int, ...]):
+                 ffn_widths: tuple[int, ...], compiler=None):
         layers = model.showo.model.layers
         self.full_widths = tuple(layer.mlp.down_proj.in_features for layer in layers)
         self.pruned_widths = tuple(ffn_widths)
@@ -82,11 +112,14 @@ class FlashUVelocity(PrefixCachedVelocity):
         self.network = (self.full_widths, frozenset())  # (widths, skipped layers) the LLM runs with now
         self.capture: list[torch.Tensor] | None = None  # hidden states recorded on recalculation calls
         self.head_state: torch.Tensor | None = None  # stored flow-head block output (R, S, Dh)
-        super().__init__(model, seqs, use_cfg)  # fills the prefix with the full network
+        super().__init__(model, seqs, use_cfg)  # fills the prefix with the full network (eager: once per network)
         self.prefix_network = self.network
         self.reuses = 0  # calls that reused the head cache (for tests and reports)
+        compiled = compiler or (lambda fn: fn)
+        self.layer_fn, self.image_span = compiled(run_layer), compiled(image_span)
+        self.head_blocks, self.head_output = compiled(head_blocks), compiled(head_output)
 
-    def run_llm(self, embeds, position_ids, mask):
+    def run_llm(self, embeds, position_ids, mask, layer_fn=run_layer):
         """The LLM with the current network: pruned widths run sliced layers, listed layers are bypassed."""
         llm, (widths, skipped) = self.model.showo.model, self.network
         position_embeddings = llm.rotary_emb(embeds, position_ids)
@@ -96,12 +129,8 @@ class FlashUVelocity(PrefixCachedVelocity):
                 continue  # the residual stream passes through unchanged
             if self.capture is not None:
                 self.capture.append(h)
-            kwargs = dict(attention_mask=mask, position_ids=position_ids, cache=self.llm_cache,
-                          position_embeddings=position_embeddings)
-            if widths[i] == self.full_widths[i]:
-                h = layer(h, **kwargs)  # the stock layer, bit-identical to the baseline
-            else:
-                h = decoder_layer(layer, h, widths[i], **kwargs)
+            h = layer_fn(layer, h, widths[i], attention_mask=mask, position_ids=position_ids,
+                         cache=self.llm_cache.layer(i), position_embeddings=position_embeddings)
         h = llm.norm(h)
         if self.capture is not None:
             self.capture.append(h)  # upstream scores the last layer against the final-normed state
@@ -122,11 +151,9 @@ class FlashUVelocity(PrefixCachedVelocity):
             temb = torch.cat([temb, temb])  # (R, Dh)
         if plan.runs_llm:
             self.use_network(plan)
-            span = torch.cat([time_token[:, None], model.embed_image(x)], dim=1)  # (B, S, H)
-            if self.use_cfg:
-                span = torch.cat([span, span])
+            span = self.image_span(model, x, time_token, self.use_cfg)  # (R, S, H)
             self.capture = [] if plan.layers == "recalc" else None
-            hidden = self.run_llm(span, self.span_positions, self.span_mask)  # (R, S, H)
+            hidden = self.run_llm(span, self.span_positions, self.span_mask, self.layer_fn)  # (R, S, H)
             if plan.layers == "recalc":
                 self.skip = layers_to_skip(layer_importance(self.capture), self.config.layer_skip_ratio)
                 self.capture = None
@@ -134,11 +161,10 @@ class FlashUVelocity(PrefixCachedVelocity):
             blocks = self.head_state
             self.reuses += 1
         else:
-            blocks = model.head_blocks(hidden, temb, self.in_span, self.span_positions, self.span_mask,
-                                       self.head_cache)  # (R, S, Dh)
+            blocks = self.head_blocks(model, hidden, temb, self.in_span, self.span_positions, self.span_mask,
+                                      self.head_cache, self.span_rope)  # (R, S, Dh)
             self.head_state = blocks if plan.head == "store" else None
-        head_out = model.diffusion_head_b(blocks, temb, self.in_span)
-        return model.read_velocity(head_out, torch.zeros_like(self.span_positions[:, 0]))
+        return self.head_output(model, blocks, temb, self.in_span)
 
 
 @torch.no_grad()

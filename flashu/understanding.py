@@ -35,8 +35,7 @@ from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
 from flashu_batch.showo2.kv_cache import DecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.modeling import Showo2, additive_mask
-from flashu_batch.showo2.vqa import (TokenBuffer, all_done, batch_prompts, decode_key_mask, greedy_answers,
-                                     prompt_embeddings)
+from flashu_batch.showo2.vqa import batch_prompts, decode_key_mask, decode_tokens, greedy_answers, prompt_embeddings
 
 
 def value_norms(layer, h: torch.Tensor) -> torch.Tensor:
@@ -161,24 +160,18 @@ class UnderstandingSpecialist:
         skip = layers_to_skip(importance, cfg.layer_skip_ratio) if skipping else frozenset()
         key_masks = self.decode_masks(layer_real, max_new_tokens, hidden.dtype)
         next_position = L - pads  # (B,) RoPE position of the first generated token
-        generated, step_logits = TokenBuffer(B, max_new_tokens, eos_id, latents.device), []
-        for step in range(max_new_tokens):
-            logits = model.showo.lm_head(hidden).float()  # (B, V)
-            if return_logits:
-                step_logits.append(logits)
-            next_ids = logits.argmax(dim=-1) if sampler is None else sampler(logits)  # (B,)
-            generated.append(step, next_ids)
-            if step == max_new_tokens - 1 or all_done(generated.done):
-                break
+
+        def decode(next_ids, step):
+            nonlocal skip
             recalc = skipping and (step + 1) % cfg.layer_skip_interval == 0
             hidden, importance = self.decode_step(next_ids, next_position + step, key_masks,
                                                   frozenset() if recalc else skip, cache, score=recalc)
             if recalc:
                 skip = layers_to_skip(importance, cfg.layer_skip_ratio)
-        answers = generated.answers()
-        if return_logits:
-            return answers, torch.stack(step_logits, dim=1)
-        return answers
+            return model.showo.lm_head(hidden).float()  # (B, V)
+
+        return decode_tokens(model.showo.lm_head(hidden).float(), decode, max_new_tokens=max_new_tokens,
+                             eos_id=eos_id, return_logits=return_logits, sampler=sampler)
 
 
 def last_token_importance(inputs: list[torch.Tensor], final: torch.Tensor) -> list[torch.Tensor]:

@@ -5,8 +5,9 @@ changed `params.steps` or the checkpoint, the job would end with rows made two w
 first run writes `<output>/<job_id>/<task>/.flashu/settings.json`, and every later run compares:
 
     kind                                      t2i | vqa
-    model.*                                   every ModelSpec field but `device` (checkpoint, vae_path,
-                                              tokenizer_path with any @revision, dtype, fields added later)
+    model.*                                   every ModelSpec field but `device` and `compile` (checkpoint,
+                                              vae_path, tokenizer_path with any @revision, dtype, fields added
+                                              later)
     model.specialization.<kind>               the task's FlashU artifact ('on_start', a folder, or null)
     params.*                                  every field of the task's T2IParams / VQAParams
 
@@ -14,7 +15,8 @@ A difference is refused before Ray starts (SettingsChanged: a ValueError, exit 2
 values, e.g. `tasks[0] (t2i): params.steps was 6, now 300`. With `allow_changed` the run goes on: settings.json then
 holds the new settings and appends the change to its `changes` history, and the driver puts this run's changes in
 metrics.json (`settings_changed`). Free to change: resources (workers, batch size, CPUs, GPUs, timeouts),
-rows_per_file, input columns, model.device (where, not what: dtype is the setting that changes results).
+rows_per_file, input columns, model.device (where, not what: dtype is the setting that changes results),
+model.compile (compiled steps change float rounding only, as a batch size does).
 
 Hub references are recorded in one form (hf://org/name@revision), so `org/name` and `hf://org/name` are the same
 setting; a branch is recorded as written, not resolved to its commit (that needs the Hub: output rows record the
@@ -31,7 +33,8 @@ from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.showo2.hub import HubError, parse_ref
 
 FORMAT = "flashu-batch-settings/1"
-MODEL_RESOURCE_FIELDS = {"device"}  # ModelSpec fields that choose where the model runs, not what it computes
+# ModelSpec fields that choose where and how the model runs, not what it computes (compile: float rounding only)
+MODEL_RESOURCE_FIELDS = {"device", "compile"}
 
 
 class SettingsChanged(ValueError):

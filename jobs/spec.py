@@ -151,6 +151,11 @@ class ModelSpec(_Frozen):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
         "Where workers run the model. 'auto' picks cuda when the worker was given a GPU (gpus_per_worker > 0), "
         "else cpu; 'cpu' with gpus_per_worker > 0 wastes the GPU."))
+    compile: Literal["auto", "on", "off"] = Field("auto", description=(
+        "torch.compile the hot steps (T2I step, FlashU layers, VQA decoding with CUDA graphs), once per worker at "
+        "load, with a warm-up call: 'auto' compiles on CUDA and not on CPU; 'off' never (eager, no load cost); 'on' "
+        "also on CPU, with dynamo's eager backend (tests the compiled path; no speed-up). Compiling costs load time "
+        "(reported as compile_s by bench.gpu), not per-batch time; results equal eager ones up to float rounding."))
     vae_path: str | None = Field(None, description=(
         "Wan2.1 VAE file: a local file, or a file on the Hub written hf://org/name[@revision]/path/in/repo.pth (a "
         "bare a/b/c.pth is always a local path). None: <checkpoint>/Wan2.1_VAE.pth, else the official "

@@ -30,6 +30,8 @@ SIGLIP_SO400M_384 = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
     patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
 )
+VAE_STRIDE = 8  # pixels per latent cell along each side (the Wan2.1 VAE: showo2/vae.py)
+
 KNOWN_CONFIGS = {
     "Qwen/Qwen2.5-1.5B-Instruct": QWEN2_5_1_5B_INSTRUCT,
     "Qwen/Qwen2.5-7B-Instruct": QWEN2_5_7B_INSTRUCT,
@@ -110,6 +112,12 @@ class Showo2Config:
         return self.image_latent_height * self.patch_size, self.image_latent_width * self.patch_size
 
     @property
+    def resolution(self) -> int:
+        """Image side R in pixels the model reads and writes: the latent side times the VAE's stride (432 for the
+        official 27 x 27 tokens)."""
+        return self.latent_size[0] * VAE_STRIDE
+
+    @property
     def num_und_layers(self) -> int:
         return self.siglip["num_hidden_layers"] - 1  # official: `del self.und_trans.layers[-1]`
 
@@ -150,6 +158,37 @@ class Showo2Config:
         head = FlowHeadConfig.from_dict(raw.get("diffusion_head_config", {}))
         kwargs = {k: raw[k] for k in fields if k in raw}
         return cls(llm=llm, siglip=siglip, head=head, **kwargs)
+
+
+def input_resolution(checkpoint: str) -> int | None:
+    """The image side R (Showo2Config.resolution) of `checkpoint`'s model, from its config.json where that is cheap
+    to read: a local folder, or a Hub reference whose config.json is in the local Hub cache already (nothing is
+    downloaded). None for anything else (an s3:// prefix, a Hub model not cached yet, a config without a square
+    image or unreadable): callers then leave resizing to the model's own preprocessing, which is always right."""
+    from flashu_batch.showo2.hub import parse_ref  # imported here: hub.py imports this module
+
+    try:
+        ref = parse_ref(checkpoint)
+    except ValueError:  # a malformed reference: the spec check reports it
+        return None
+    if ref is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision)
+    else:
+        path = None if "://" in checkpoint else os.path.join(checkpoint, "config.json")
+    if not isinstance(path, str):  # not cached (None), or cached as missing
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        default = {f.name: f.default for f in dataclasses.fields(Showo2Config)}
+        h, w, p = (raw.get(key, default[key]) for key in ("image_latent_height", "image_latent_width", "patch_size"))
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w, p)) or h != w:
+        return None
+    return h * p * VAE_STRIDE
 
 
 def _resolve_config(folder: str, ref: str, key: str) -> dict:

@@ -40,3 +40,40 @@ class DecodeKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
+
+
+class StaticDecodeKVCache:
+    """DecodeKVCache with one fixed shape, for compiled decoding: every layer's keys/values in zero-filled buffers
+    (B, nkv, capacity, hd), allocated once and reused batch after batch, so every decode step sees identical shapes
+    and buffer addresses (torch.compile without recompiles, CUDA graphs).
+
+    The prefill (`position` None) writes rows [:b] and slots [:n] and attends to that view, as DecodeKVCache. A
+    decode step writes slot `position` (a (1,) device tensor: the slot changes per token, the graph does not) and
+    attends to the whole buffer; its key mask hides the slots not written yet (showo2/vqa.py StaticDecoder). The
+    buffers start at zero, so a hidden slot holds finite values and contributes exactly 0 through its zero weight.
+    """
+
+    def __init__(self, num_layers: int, rows: int, num_kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (rows, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.position: torch.Tensor | None = None  # (1,) long: the slot decode steps write; None: prefill
+
+    def reset(self) -> None:
+        """Ready for the next batch: zeros (no stale keys from the last batch) and prefill mode."""
+        for buffer in self.keys + self.values:
+            buffer.zero_()
+        self.position = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Prefill: k, v (b, nkv, n, hd) -> the written view (b, nkv, n, hd). Decode: k, v (B, nkv, 1, hd) -> the
+        whole buffers (B, nkv, capacity, hd)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.position is None:
+            b, _, n, _ = k.shape
+            keys[:b, :, :n] = k
+            values[:b, :, :n] = v
+            return keys[:b, :, :n], values[:b, :, :n]
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
+        return keys, values

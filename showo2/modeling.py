@@ -10,6 +10,7 @@ p patch size.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,16 +90,90 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+@dataclass(frozen=True)
+class CachedPrefixMask:
+    """The prefix-cached T2I step's attention mask, kept in two parts so that the image span needs none.
+
+    Keys are [P cached prefix keys | the span's own keys]; every span query sees the prefix keys that `prefix`
+    allows (the row's real prompt; its padding is masked) and every span key (the omni mask is bidirectional inside
+    the image). `prefix_span_attention` computes that as a mask-free attention over the span plus a small masked one
+    over the prefix, merged by log-sum-exp: the same math as the dense mask `dense()` without (rows, heads, S, P + S)
+    scores. Build it only where that holds, i.e. where every span key is visible to every span query.
+    """
+    prefix: torch.Tensor  # additive (B, 1, 1, P): 0 where a prefix key is visible, the dtype's min where not
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prefix.dtype
+
+    def dense(self, span_len: int) -> torch.Tensor:
+        """The same mask as one additive tensor (B, 1, 1, P + span_len), for the reference (masked SDPA) path."""
+        return F.pad(self.prefix, (0, span_len))  # the span keys: 0, visible
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns each query's log-sum-exp of scores, written out in fp32 (the math SDPA does;
+    SDPA itself returns no LSE). q (B, nh, L, hd), k and v (B, nkv, Lk, hd), attention_mask additive (B, 1, 1, Lk)
+    (one row: every query sees the same keys) or None -> out (B, nh, L, hd) fp32, lse (B, nh, L) fp32.
+
+    Query heads j*g .. j*g+g-1 share KV head j (g = nh / nkv): they are folded into the query sequence, so K/V are
+    never copied per head (as grouped_query_attention)."""
+    B, nh, L, hd = q.shape
+    nkv = k.shape[1]
+    scale = hd ** -0.5 if scale is None else scale
+    folded = q.reshape(B, nkv, nh // nkv * L, hd).float()  # (B, nkv, g*L, hd)
+    scores = folded @ k.float().transpose(-1, -2) * scale  # (B, nkv, g*L, Lk)
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()  # (B, 1, 1, Lk) broadcasts over heads and queries
+    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, nkv, g*L, 1)
+    out = (scores - lse).exp() @ v.float()  # (B, nkv, g*L, hd)
+    return out.reshape(B, nh, L, hd), lse.reshape(B, nh, L)
+
+
+def unmasked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` without a mask, on the flash kernel where it runs: CUDA in half precision, head dims
+    of a multiple of 8 up to 256 (the 1.5B's 128 and 64). Flash takes grouped-query K/V as they are (SDPA's
+    enable_gqa path calls the same op) and returns the LSE that SDPA drops.
+    q (B, nh, L, hd), k and v (B, nkv, Lk, hd) -> out (B, nh, L, hd) in q's dtype (fp32 elsewhere), lse (B, nh, L)
+    fp32."""
+    hd = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd % 8 == 0 and hd <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        return out, lse
+    return attention_with_lse(q, k, v, None, scale)
+
+
+def prefix_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: CachedPrefixMask,
+                          scale: float | None = None) -> torch.Tensor:
+    """Span queries over [cached prefix | span] keys (see CachedPrefixMask): one attention over the span keys with
+    no mask, one over the P prefix keys with its padding mask, merged by log-sum-exp. Each part's output is its own
+    softmax average, so the whole is their average weighted by each part's share exp(lse_part - lse).
+
+    q (B, nh, L, hd), k and v (B, nkv, P + S, hd) -> (B, nh, L, hd) in q's dtype."""
+    P = attention_mask.prefix.shape[-1]
+    out_span, lse_span = unmasked_attention_with_lse(q, k[:, :, P:], v[:, :, P:], scale)  # (B, nh, L, hd), (B, nh, L)
+    out_prefix, lse_prefix = attention_with_lse(q, k[:, :, :P], v[:, :, :P], attention_mask.prefix, scale)
+    lse = torch.logaddexp(lse_span, lse_prefix)  # (B, nh, L): the log-sum-exp over all P + S keys
+    out = out_span.float() * (lse_span - lse).exp()[..., None] + out_prefix * (lse_prefix - lse).exp()[..., None]
+    return out.to(q.dtype)
+
+
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            attention_mask: torch.Tensor | CachedPrefixMask | None,
                             scale: float | None = None) -> torch.Tensor:
     """Attention where query head i reads KV head i // (nh / nkv), as upstream repeat_kv.
 
-    q (B, nh, L, hd), k and v (B, nkv, Lk, hd), attention_mask additive (B, 1, L, Lk) or (B, 1, 1, Lk) or None
-    -> (B, nh, L, hd). With a one-row mask (every query sees the same keys: the prefix-cached T2I step) or none,
-    the nh / nkv query heads of each KV head are folded into the query sequence, so SDPA sees nkv heads, no copied
-    K/V and a plain (broadcast) mask: the memory-efficient kernel takes that, while enable_gqa with a mask falls
-    back to the math kernel on CUDA (dense scores). Other masks (the full-sequence reference) use enable_gqa.
+    q (B, nh, L, hd), k and v (B, nkv, Lk, hd), attention_mask additive (B, 1, L, Lk) or (B, 1, 1, Lk), a
+    CachedPrefixMask (the prefix-cached T2I step: `prefix_span_attention`), or None -> (B, nh, L, hd). With a
+    one-row mask (every query sees the same keys) or none, the nh / nkv query heads of each KV head are folded into
+    the query sequence, so SDPA sees nkv heads, no copied K/V and a plain (broadcast) mask: the memory-efficient
+    kernel takes that, while enable_gqa with a mask falls back to the math kernel on CUDA (dense scores). Other
+    masks (the full-sequence reference) use enable_gqa.
     """
+    if isinstance(attention_mask, CachedPrefixMask):
+        return prefix_span_attention(q, k, v, attention_mask, scale)
     B, nh, L, hd = q.shape
     nkv = k.shape[1]
     if nkv == nh or (attention_mask is not None and attention_mask.shape[-2] != 1):
@@ -111,9 +186,14 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 
 def llm_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The LLM's attention kernel (registered below as "showo2_sdpa", chosen in `Showo2.__init__`): transformers'
-    SDPA path, except that one-row masks (the prefix-cached T2I step, cached decoding) go through
-    `grouped_query_attention` instead of repeating K/V for every query head. query (B, nh, L, hd), key and value
-    (B, nkv, Lk, hd) -> ((B, L, nh, hd), None), as transformers' attention functions."""
+    SDPA path, except that one-row masks (cached decoding) go through `grouped_query_attention` instead of repeating
+    K/V for every query head, and a CachedPrefixMask (the prefix-cached T2I step) through `prefix_span_attention`.
+    query (B, nh, L, hd), key and value (B, nkv, Lk, hd) -> ((B, L, nh, hd), None), as transformers' attention
+    functions."""
+    if isinstance(attention_mask, CachedPrefixMask):
+        if dropout == 0.0:
+            return prefix_span_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+        attention_mask = attention_mask.dense(key.shape[2] - attention_mask.prefix.shape[-1])  # training: reference
     one_row = attention_mask.shape[-2] == 1 if attention_mask is not None else query.shape[2] == 1
     if one_row and dropout == 0.0:  # every query sees the same keys (no mask and L > 1 would mean causal)
         out = grouped_query_attention(query, key, value, attention_mask, scale=scaling)  # (B, nh, L, hd)
@@ -166,9 +246,11 @@ class HeadMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def span_modulation(mods: torch.Tensor, in_span: torch.Tensor, neutral: float) -> torch.Tensor:
-    """Per-row modulation (B, Dh) applied only inside the image span (B, L, 1) bool; `neutral` elsewhere -> (B, L, Dh)."""
-    return torch.where(in_span, mods[:, None, :], torch.full_like(mods[:, None, :], neutral))
+def modulate_span(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, in_span: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation inside the image span, x unchanged outside it: x (B, L, Dh), shift and scale (B, 1, Dh)
+    (broadcast over L, never materialised per position), in_span (B, L, 1) bool -> (B, L, Dh). Outside the span
+    this is exactly x, as upstream's modulate with a zero shift and scale there."""
+    return torch.where(in_span, modulate(x, shift, scale), x)
 
 
 class ModulatedAttentionBlock(nn.Module):
@@ -184,14 +266,14 @@ class ModulatedAttentionBlock(nn.Module):
 
     def forward(self, x, temb, in_span, cos, sin, attention_mask, cache=None):
         """x (B, L, Dh), temb (B, Dh), in_span (B, L, 1) bool -> (B, L, Dh)."""
-        mods = self.adaLN_modulation(temb).to(x.dtype).chunk(6, dim=-1)  # 6 x (B, Dh)
-        shift_msa, scale_msa, shift_mlp, scale_mlp = (span_modulation(m, in_span, 0.0) for m in
-                                                      (mods[0], mods[1], mods[3], mods[4]))
-        gate_msa, gate_mlp = span_modulation(mods[2], in_span, 1.0), span_modulation(mods[5], in_span, 1.0)
-        h = modulate(self.input_layernorm(x), shift_msa, scale_msa)
-        x = x + gate_msa * self.self_attn(h, cos, sin, attention_mask, cache)
-        h = modulate(self.post_attention_layernorm(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(h)
+        # one Linear, six views (B, 1, Dh) that broadcast over positions; the gate is 1 outside the span
+        mods = self.adaLN_modulation(temb).to(x.dtype)[:, None]  # (B, 1, 6*Dh)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=-1)
+        attn = self.self_attn(modulate_span(self.input_layernorm(x), shift_msa, scale_msa, in_span), cos, sin,
+                              attention_mask, cache)  # (B, L, Dh)
+        x = x + torch.where(in_span, gate_msa * attn, attn)
+        mlp = self.mlp(modulate_span(self.post_attention_layernorm(x), shift_mlp, scale_mlp, in_span))
+        return x + torch.where(in_span, gate_mlp * mlp, mlp)
 
 
 class FinalLayer(nn.Module):
@@ -204,9 +286,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, temb, in_span):
-        shift, scale = self.adaLN_modulation(temb).to(x.dtype).chunk(2, dim=-1)
-        x = modulate(self.norm_final(x), span_modulation(shift, in_span, 0.0), span_modulation(scale, in_span, 0.0))
-        return self.linear(x)
+        shift, scale = self.adaLN_modulation(temb).to(x.dtype)[:, None].chunk(2, dim=-1)  # (B, 1, Dh) each
+        return self.linear(modulate_span(self.norm_final(x), shift, scale, in_span))
 
 
 def omni_attention_mask(modality_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -319,21 +400,23 @@ class Showo2(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def head_blocks(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
+    def head_blocks(self, hidden, temb, in_span, position_ids, attention_mask, cache=None, rope=None):
         """diff_proj + the modulated flow-head blocks: LLM hidden (B, L, H) -> block outputs (B, L, Dh).
 
         in_span (B, L, 1) bool marks the image span that adaLN modulates; position_ids (B, L); attention_mask
-        additive (B, 1, L, Lk); cache (optional) holds the keys/values of earlier positions per head layer.
+        additive (B, 1, L, Lk) or a CachedPrefixMask; cache (optional) holds the keys/values of earlier positions per
+        head layer; rope (optional): `head_rope(position_ids, dtype)` made once by a caller that runs the same
+        positions every step (the T2I step), instead of rebuilt per call.
         """
         x = self.diff_proj(hidden) if hasattr(self, "diff_proj") else hidden  # (B, L, Dh)
-        cos, sin = self.head_rope(position_ids, x.dtype)
+        cos, sin = rope if rope is not None else self.head_rope(position_ids, x.dtype)
         for block in self.diffusion_head_a:
             x = block(x, temb, in_span, cos, sin, attention_mask, cache)
         return x
 
-    def flow_head(self, hidden, temb, in_span, position_ids, attention_mask, cache=None):
+    def flow_head(self, hidden, temb, in_span, position_ids, attention_mask, cache=None, rope=None):
         """LLM hidden (B, L, H) -> final-layer outputs (B, L, p*p*C); arguments as `head_blocks`."""
-        x = self.head_blocks(hidden, temb, in_span, position_ids, attention_mask, cache)
+        x = self.head_blocks(hidden, temb, in_span, position_ids, attention_mask, cache, rope)
         return self.diffusion_head_b(x, temb, in_span)
 
     def read_velocity(self, head_out: torch.Tensor, image_offsets: torch.Tensor) -> torch.Tensor:

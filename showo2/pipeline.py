@@ -17,6 +17,7 @@ from PIL import Image
 from flashu_batch.showo2.checkpoint import CheckpointError
 from flashu_batch.showo2.layouts import VQALayout, t2i_max_text_len, t2i_sequences, vqa_prompt_ids, vqa_sequence
 from flashu_batch.showo2.hub import HubError, resolve_checkpoint, resolve_tokenizer, resolve_vae
+from flashu_batch.showo2.image_input import resize_center_crop
 from flashu_batch.showo2.loading import VAE_FILE, load_showo2
 from flashu_batch.showo2.modeling import Showo2
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
@@ -81,7 +82,7 @@ class Showo2Pipeline:
     @property
     def resolution(self) -> int:
         """Image side in pixels the model works at (VAE x8, patch x2)."""
-        return self.model.config.latent_size[0] * 8
+        return self.model.config.resolution
 
     # ---- text to image ----------------------------------------------------------------------------------------
 
@@ -197,8 +198,9 @@ class Showo2Pipeline:
     # ---- visual question answering ----------------------------------------------------------------------------
 
     def preprocess_image(self, image, index: int = 0) -> torch.Tensor:
-        """PIL RGB image (any size: shorter side resized bicubic, then centre crop, as inference_mmu.py) or a
-        tensor (3, R, R) in [-1, 1] at the model resolution R -> (3, R, R) float32."""
+        """PIL RGB image (any size: `image_input.resize_center_crop` to the model resolution R, as inference_mmu.py)
+        or a tensor (3, R, R) in [-1, 1] (e.g. `normalize_pixels` of pixels resized once elsewhere) -> (3, R, R)
+        float32."""
         R = self.resolution
         if isinstance(image, torch.Tensor):
             if image.shape != (3, R, R) or not image.is_floating_point():
@@ -210,21 +212,14 @@ class Showo2Pipeline:
         if image.mode != "RGB":
             raise ValueError(f"image {index} has mode {image.mode!r}; convert it to 'RGB' first "
                              f"(image.convert('RGB')).")
-        w, h = image.size
-        # torchvision Resize(R), as upstream: shorter side to R, the longer one scaled and truncated
-        size = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
-        image = image.resize(size, Image.BICUBIC)
-        w, h = image.size
-        left, top = int(round((w - R) / 2.0)), int(round((h - R) / 2.0))
-        image = image.crop((left, top, left + R, top + R))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, R, R)
-        return (pixels - 0.5) / 0.5
+        return normalize_pixels(resize_center_crop(image, R))
 
     @torch.no_grad()
     def answer(self, images: list, questions: list[str], *, max_new_tokens: int = 300,
                layout: VQALayout = "demo", decode_fn=None, temperature: float = 0.0, top_p: float = 1.0,
                seeds: list[int] | None = None) -> list[str]:
-        """Answers, one per (image, question) pair. layout: "demo" (the official inference script) or
+        """Answers, one per (image, question) pair (images: PIL RGB or (3, R, R) tensors, see
+        `preprocess_image`). layout: "demo" (the official inference script) or
         "training" (the layout the model was trained on); see showo2/layouts.py. decode_fn replaces
         `showo2.vqa.greedy_answers` (same signature; where a FlashU specialist plugs in).
 
@@ -270,6 +265,13 @@ class Showo2Pipeline:
         answer_ids = (decode_fn or greedy_answers)(self.model, rows, latents, max_new_tokens=max_new_tokens,
                                                    eos_id=self.tokens.eos, pad_id=self.tokens.pad, **sampling)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
+
+
+def normalize_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """Model-ready pixels (R, R, 3) uint8 RGB (`image_input.resize_center_crop`) -> (3, R, R) float32 in [-1, 1], as
+    upstream's ToTensor + Normalize(0.5, 0.5)."""
+    image = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) / 255.0  # (3, R, R) in [0, 1]
+    return (image - 0.5) / 0.5
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -16,11 +16,19 @@ Shape legend: R rows (2B with CFG), B images, P padded prefix length, S span slo
 import torch
 
 from flashu_batch.showo2.layouts import Sequences
-from flashu_batch.showo2.modeling import Showo2, additive_mask
+from flashu_batch.showo2.modeling import CachedPrefixMask, Showo2, additive_mask
 
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
+
+
+def write_span(keys, values, start: int, k, v):
+    """Write k, v (R, nkv, n, hd) into keys, values (R, nkv, max_len, hd) at `start` -> the filled views."""
+    end = start + k.shape[2]
+    keys[:, :, start:end] = k
+    values[:, :, start:end] = v
+    return keys[:, :, :end], values[:, :, :end]
 
 
 class StaticKVCache:
@@ -37,20 +45,32 @@ class StaticKVCache:
         self.start = 0  # where the next update writes; everything before it is attended
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        end = self.start + k.shape[2]
-        self.keys[layer_idx][:, :, self.start:end] = k
-        self.values[layer_idx][:, :, self.start:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        return write_span(self.keys[layer_idx], self.values[layer_idx], self.start, k, v)
+
+    def layer(self, layer_idx: int) -> "LayerKV":
+        return LayerKV(self, layer_idx)
+
+
+class LayerKV:
+    """One layer's part of a StaticKVCache. It writes its own buffers whatever `layer_idx` the layer passes, so a
+    decoder layer compiled once runs every layer without a graph per layer index (showo2/compile.py)."""
+
+    def __init__(self, cache: StaticKVCache, layer_idx: int):
+        self.cache, self.keys, self.values = cache, cache.keys[layer_idx], cache.values[layer_idx]
+
+    def update(self, k, v, *args, **kwargs):
+        return write_span(self.keys, self.values, self.cache.start, k, v)
 
 
 class PrefixCachedVelocity:
     """`velocity_fn(x (B, C, h, w), t (B,), step) -> v (R, C, h, w)` for `t2i.generate_latents`, equal to the
     full-sequence step up to float rounding.
 
-    seqs: the T2I rows (cond rows then uncond rows when `use_cfg`), all with one image of S slots.
+    seqs: the T2I rows (cond rows then uncond rows when `use_cfg`), all with one image of S slots. compiler: a
+    showo2.compile.Compiler to run the step compiled whole (None: eager).
     """
 
-    def __init__(self, model: Showo2, seqs: Sequences, use_cfg: bool):
+    def __init__(self, model: Showo2, seqs: Sequences, use_cfg: bool, compiler=None):
         device = model.showo.model.embed_tokens.weight.device
         dtype = model.showo.model.embed_tokens.weight.dtype
         P = find_multiple(int(seqs.image_offsets.max()), 8)  # read on the host before the move: no device sync
@@ -67,15 +87,21 @@ class PrefixCachedVelocity:
                                         head_cfg.head_dim, dtype, device)
 
         # Span queries see the row's real prefix (keys < offset) and the whole span; padded prefix keys are masked.
-        key_pos = torch.arange(P + S, device=device)
-        allowed = (key_pos[None, :] < offsets[:, None]) | (key_pos[None, :] >= P)  # (R, P+S)
-        # (R, 1, 1, P+S): every span query sees the same keys, so one mask row broadcasts (and the flow head folds
-        # its query groups, see modeling.grouped_query_attention)
-        self.span_mask = additive_mask(allowed[:, None, None, :], dtype)
+        # Only the prefix part needs a mask: the span is seen whole, so in half precision (the GPU dtypes, where
+        # flash-class kernels run) the LLM and the flow head attend to it mask-free and merge the prefix part by
+        # log-sum-exp (modeling.prefix_span_attention). In float32 the one dense mask row (R, 1, 1, P+S) stays: its
+        # results do not depend on how much padding a batch holds, bit for bit (a row's image is the same in any
+        # batch), which the merged form's rounding does not promise.
+        allowed = torch.arange(P, device=device)[None, :] < offsets[:, None]  # (R, P)
+        self.span_mask = CachedPrefixMask(additive_mask(allowed[:, None, None, :], dtype))  # prefix (R, 1, 1, P)
+        if dtype not in (torch.bfloat16, torch.float16):
+            self.span_mask = self.span_mask.dense(S)
         self.span_positions = offsets[:, None] + torch.arange(S, device=device)  # (R, S) absolute positions
+        self.span_rope = model.head_rope(self.span_positions, dtype)  # cos, sin (R, 1, S, hd): the same every step
         self.in_span = torch.ones(R, S, 1, dtype=torch.bool, device=device)  # every span slot is modulated
         self.prefix_ids = seqs.input_ids[:, :P]
         self.fill_prefix(self.prefix_ids)
+        self.step_fn = compiler(PrefixCachedVelocity.velocity) if compiler else PrefixCachedVelocity.velocity
 
     @torch.no_grad()
     def fill_prefix(self, prefix_ids: torch.Tensor) -> None:
@@ -104,11 +130,16 @@ class PrefixCachedVelocity:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return self.step_fn(self, x, t)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The step itself: x (B, C, h, w), t (B,) -> v (R, C, h, w). Plain tensor code, compiled whole where asked."""
         model = self.model
         temb, time_token = model.time_embedding(t)  # (B, Dh), (B, H)
         span = torch.cat([time_token[:, None], model.embed_image(x)], dim=1)  # (B, S, H)
         if self.use_cfg:  # cond and uncond rows share x_t and t: the image path runs once
             span, temb = torch.cat([span, span]), torch.cat([temb, temb])  # (R, S, H), (R, Dh)
         hidden = self.run_llm(span, self.span_positions, self.span_mask)  # (R, S, H)
-        head_out = model.flow_head(hidden, temb, self.in_span, self.span_positions, self.span_mask, self.head_cache)
+        head_out = model.flow_head(hidden, temb, self.in_span, self.span_positions, self.span_mask, self.head_cache,
+                                   self.span_rope)
         return model.read_velocity(head_out, torch.zeros_like(self.span_positions[:, 0]))

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from flashu_batch.showo2.kv_cache import DecodeKVCache
+from flashu_batch.showo2.kv_cache import DecodeKVCache, StaticDecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.prefix_cache import find_multiple
 
 UNDERSTANDING_TIME = 1.0  # images are clean data for understanding: the time token is t = 1
 
@@ -124,9 +125,101 @@ class TokenBuffer:
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
 
+def decode_tokens(logits: torch.Tensor, decode, *, max_new_tokens: int, eos_id: int, return_logits: bool,
+                  sampler: "NucleusSampler | None"):
+    """The token loop every decoding path shares. logits (B, V) fp32: the prefill's last position;
+    decode(next_ids (B,), step) -> the logits (B, V) fp32 after appending generation step `step`'s tokens. Returns the
+    id lists (each row up to its first eos), plus the per-step logits (B, steps, V) when return_logits."""
+    generated, step_logits = TokenBuffer(logits.shape[0], max_new_tokens, eos_id, logits.device), []
+    for step in range(max_new_tokens):
+        if return_logits:
+            step_logits.append(logits)
+        next_ids = logits.argmax(dim=-1) if sampler is None else sampler(logits)  # (B,)
+        generated.append(step, next_ids)
+        if step == max_new_tokens - 1 or all_done(generated.done):
+            break
+        logits = decode(next_ids, step)
+    answers = generated.answers()
+    if return_logits:
+        return answers, torch.stack(step_logits, dim=1)
+    return answers
+
+
+def batch_bucket(rows: int) -> int:
+    """The padded batch size of compiled decoding: the next power of two, so a few graphs serve every batch."""
+    return 1 << (rows - 1).bit_length()
+
+
+def static_decode_step(model: Showo2, cache: StaticDecodeKVCache, next_ids: torch.Tensor, positions: torch.Tensor,
+                       slot_order: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One token per row on a StaticDecodeKVCache, the same shapes at every step (what torch.compile captures).
+
+    next_ids, positions (B,) the tokens and their RoPE positions; slot_order (B, capacity) long: -1 for a real prompt
+    key, g for the slot generation step g writes, capacity for pads and unused slots; step () long -> logits (B, V)
+    fp32. Slot s is visible when slot_order <= step: the mask grows on the device, not in the shapes."""
+    dtype = model.showo.model.embed_tokens.weight.dtype
+    mask = additive_mask((slot_order <= step)[:, None, None, :], dtype)  # (B, 1, 1, capacity)
+    out = model.showo(input_ids=next_ids[:, None], position_ids=positions[:, None], attention_mask=mask, cache=cache,
+                      use_cache=True)
+    return out.logits[:, -1].float()
+
+
+class StaticDecoder:
+    """Decoding on static shapes: the batch padded to `batch_bucket` rows, the cache to a multiple of
+    `capacity_multiple` slots, every decode step the same graph. One per worker: caches are kept per shape and reused
+    (their buffers must not move under CUDA graphs). step_fn: `static_decode_step` or its compiled form
+    (showo2/compile.py); new_cache(model, shape args) -> a StaticDecodeKVCache (compile.py marks its buffers static).
+    Greedy tokens equal `greedy_answers`' (the hidden slots weigh exactly 0); float rounding may differ."""
+
+    def __init__(self, step_fn=static_decode_step, capacity_multiple: int = 64, new_cache=None):
+        self.step_fn, self.capacity_multiple = step_fn, capacity_multiple
+        self.new_cache = new_cache or (lambda *shape: StaticDecodeKVCache(*shape))
+        self.caches: dict[tuple, StaticDecodeKVCache] = {}
+
+    def cache_for(self, model: Showo2, rows: int, capacity: int, dtype, device) -> StaticDecodeKVCache:
+        cfg = model.showo.config
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, capacity,
+                 cfg.hidden_size // cfg.num_attention_heads, dtype, device)
+        if shape not in self.caches:
+            self.caches[shape] = self.new_cache(*shape)
+        cache = self.caches[shape]
+        cache.reset()
+        return cache
+
+    def prefill(self, model: Showo2, embeds, allowed, real, position_ids, max_new_tokens: int):
+        """Prompt (embeds (B, L, H)) into the cache -> (logits (B, V) fp32 of the last position,
+        decode(next_ids, step) -> logits (B, V) fp32) for `decode_tokens`."""
+        (B, L), device = real.shape, embeds.device
+        Bb, C = batch_bucket(B), find_multiple(L + max_new_tokens, self.capacity_multiple)
+        cache = self.cache_for(model, Bb, C, embeds.dtype, device)
+        out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
+                          position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        slot = torch.arange(C, device=device)
+        prompt_keys = torch.zeros(Bb, C, dtype=torch.bool, device=device)
+        prompt_keys[:B, :L] = real
+        slot_order = torch.where(prompt_keys, -1, torch.where(slot >= L, slot - L, C))  # (Bb, C)
+        positions = torch.zeros(Bb, dtype=torch.long, device=device)
+        positions[:B] = position_ids[:, -1] + 1  # RoPE position of the first generated token
+        cache.position = torch.full((1,), L, dtype=torch.long, device=device)
+        step_t = torch.zeros((), dtype=torch.long, device=device)
+        ids = torch.zeros(Bb, dtype=torch.long, device=device)
+
+        def decode(next_ids, step):
+            ids[:B] = next_ids
+            logits = self.step_fn(model, cache, ids, positions, slot_order, step_t)[:B].clone()  # (B, V)
+            # the next token's slot, position and visible keys, advanced on the device (no host values: one graph)
+            cache.position += 1
+            positions.add_(1)
+            step_t.add_(1)
+            return logits
+
+        return out.logits[:, -1].float(), decode
+
+
 @torch.no_grad()
 def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, *, max_new_tokens: int,
-                   eos_id: int, pad_id: int, return_logits: bool = False, sampler: NucleusSampler | None = None):
+                   eos_id: int, pad_id: int, return_logits: bool = False, sampler: NucleusSampler | None = None,
+                   static: StaticDecoder | None = None):
     """Greedy answers for a batch of one-row prompts (any lengths) with one image each (latents (B, C, h, w)).
 
     Prefill with the omni mask (last-position logits only), then KV-cached decoding into a preallocated cache
@@ -134,33 +227,28 @@ def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, 
     stay on the device: one host sync per step (`all_done`). Returns the id lists, plus the per-step last-position
     logits (B, steps, V) when return_logits (rows that stopped keep receiving steps; their logits are not
     meaningful). sampler: picks the next tokens from the logits instead of argmax (sampling; None: greedy).
+    static: decode on static shapes (`StaticDecoder`, the compiled path) instead of the growing cache.
     """
     device = latents.device
     seqs, pads, real, position_ids, allowed = batch_prompts(rows, pad_id, device)
     B, L = seqs.input_ids.shape
     embeds = prompt_embeddings(model, seqs, latents)
+    loop = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, return_logits=return_logits, sampler=sampler)
+    if static is not None:
+        return decode_tokens(*static.prefill(model, embeds, allowed, real, position_ids, max_new_tokens), **loop)
 
     cache = DecodeKVCache(model.showo.config.num_hidden_layers, max_new_tokens)
     out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
                       position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
     key_mask = decode_key_mask(real, max_new_tokens, embeds.dtype)  # (B, 1, 1, L + max_new_tokens)
     next_position = L - pads  # (B,) RoPE position of the first generated token
-    generated = TokenBuffer(B, max_new_tokens, eos_id, device)
-    step_logits = []
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if return_logits:
-            step_logits.append(logits)
-        next_ids = logits.argmax(dim=-1) if sampler is None else sampler(logits)  # (B,)
-        generated.append(step, next_ids)
-        if step == max_new_tokens - 1 or all_done(generated.done):
-            break
-        out = model.showo(input_ids=next_ids[:, None], position_ids=(next_position + step)[:, None],
-                          attention_mask=key_mask[..., :L + step + 1], cache=cache, use_cache=True)
-    answers = generated.answers()
-    if return_logits:
-        return answers, torch.stack(step_logits, dim=1)
-    return answers
+
+    def decode(next_ids, step):
+        return model.showo(input_ids=next_ids[:, None], position_ids=(next_position + step)[:, None],
+                           attention_mask=key_mask[..., :L + step + 1], cache=cache,
+                           use_cache=True).logits[:, -1].float()
+
+    return decode_tokens(out.logits[:, -1].float(), decode, **loop)
 
 
 @torch.no_grad()

@@ -182,6 +182,22 @@ def load_pipeline(model: ModelSpec, kind: str, storage: Storage, gpus: float):
     return pipe, specialist
 
 
+def worker_compiler(model: ModelSpec, device):
+    """The showo2.compile.Compiler for model.compile on `device`, or None (eager): 'auto' compiles on CUDA only."""
+    from flashu_batch.showo2.compile import compiler_for
+
+    return compiler_for(model.compile, device)
+
+
+def warm_up(calls) -> float:
+    """Seconds to run `calls` (no-argument functions) once each: at load, so that compiling the model's steps is
+    paid there and not by the first batches."""
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    return time.perf_counter() - start
+
+
 def settings_json(model: ModelSpec, device: str, specialist, **task_settings) -> str:
     """The model and acceleration settings a result row was made with (JSON, stored with every row): with the VAE and
     tokenizer sources and the Hub commit of each source (checkpoint_revision, vae_revision, tokenizer_revision; null

@@ -1,7 +1,8 @@
 """Image bytes -> the RGB picture the model sees, with limits checked before any pixel is decoded.
 
-One place for it: the CPU validation stage decodes every image here (so bad ones fail before GPU time), and the
-VQA worker decodes with the same function (so what was validated is what is answered).
+One place for it: the CPU validation stage decodes every image here (so bad ones fail before GPU time) and, given
+the model's resolution, resizes it once into model-ready pixels (PIXELS_COLUMN) for the VQA worker; the worker
+decodes with the same function where a row has no such pixels (a direct caller's rows: image_bytes alone).
 
 Conversion rules (PIL's `convert("RGB")` alone would get several of these wrong):
 - transparency (RGBA, LA, PA, RGBa, P or L or RGB with a transparent colour): composited on BACKGROUND (white, what
@@ -19,6 +20,8 @@ import warnings
 import numpy as np
 
 BACKGROUND = (255, 255, 255)  # behind transparent pixels
+# The CPU stage's model-ready image (model_pixels): read by the VQA worker, never written to the output
+PIXELS_COLUMN = "model_pixels"
 
 
 class ImageError(ValueError):
@@ -59,6 +62,25 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int):
             raise
         except Exception as e:  # noqa: BLE001
             raise ImageError(_decode_message(len(data), e)) from None
+
+
+def model_pixels(image, resolution: int) -> bytes:
+    """A decoded RGB image (decode_image) -> the model's input pixels: resized and centre-cropped to resolution R
+    by the model's own function (showo2/image_input.py), as R*R*3 bytes of uint8 RGB, row-major (R, R, 3).
+
+    Memory: R*R*3 bytes a row (560 KB at 432 px), often more than the encoded image; kept uint8 (a float copy would
+    be 4x that) and made only by the CPU stage, which hands them to the worker instead of a second decode."""
+    from flashu_batch.showo2.image_input import resize_center_crop  # PIL and numpy only, no torch
+
+    return resize_center_crop(image, resolution).tobytes()
+
+
+def pixels_array(data, resolution: int) -> np.ndarray | None:
+    """model_pixels' bytes -> (R, R, 3) uint8, or None when there are none or they are not R x R RGB (made for
+    another resolution than this model's): the caller then decodes image_bytes itself."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) != resolution * resolution * 3:
+        return None
+    return np.frombuffer(data, dtype=np.uint8).reshape(resolution, resolution, 3)
 
 
 def _decode_message(size: int, e: BaseException) -> str:

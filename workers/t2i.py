@@ -2,6 +2,7 @@
 failures come back as error rows)."""
 
 import io
+import time
 from functools import partial
 
 from flashu_batch.jobs.output import image_id
@@ -9,7 +10,7 @@ from flashu_batch.jobs.spec import ModelSpec, StorageSpec, T2IParams
 from flashu_batch.jobs.storage import Storage
 from flashu_batch.workers.common import (SEED_BITS, BatchSizer, DeadlineRunner, describe_error, exit_for_restart,
                                          load_pipeline, passthrough_columns, read_columns, row_seed, run_rows,
-                                         settings_json, to_table)
+                                         settings_json, to_table, warm_up, worker_compiler)
 
 OFFICIAL_STEPS = 50  # inference_t2i.py's default
 # params.image_format -> (Pillow format, file extension of image_path)
@@ -49,9 +50,13 @@ class T2IWorker:
         import torch  # noqa: F401 -- heavy imports live in the actor, not in the driver that pickles this class
 
         self.job_id, self.params = job_id, params
+        start = time.perf_counter()
         self.pipe, self.specialist = load_pipeline(model, "t2i", Storage(storage), gpus)
+        self.load_seconds = time.perf_counter() - start
+        self.compiler = worker_compiler(model, self.pipe.device)  # None: eager
         if self.specialist is not None:
-            self.call_kwargs = self.specialist.pipeline_kwargs(guidance_scale=self.params.guidance_scale)
+            self.call_kwargs = self.specialist.pipeline_kwargs(guidance_scale=self.params.guidance_scale,
+                                                               compiler=self.compiler)
         else:
             self.call_kwargs = dict(num_inference_steps=self.params.steps or OFFICIAL_STEPS,
                                     guidance_scale=self.params.guidance_scale)
@@ -68,6 +73,11 @@ class T2IWorker:
                                       guidance_scale=self.params.guidance_scale, seed_policy=self.params.seed_policy,
                                       truncate=self.params.truncate, resolution=self.pipe.resolution,
                                       **self.params.model_dump(include=RECORDED_WHEN_SET, exclude_defaults=True))
+        # Two warm-up batches of different sizes and prompt lengths: the second turns the batch and prefix dimensions
+        # dynamic (dynamo's automatic dynamic shapes), so later batches run the compiled step without recompiling.
+        self.compile_seconds = warm_up([partial(self.text_to_image, ["warm-up"], [0]),
+                                        partial(self.text_to_image, ["warm-up", "a somewhat longer warm-up prompt"],
+                                                [0, 1])]) if self.compiler else 0.0
 
     def __call__(self, batch):
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__, self.OPTIONAL_COLUMNS)
@@ -157,7 +167,8 @@ class T2IWorker:
         from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 
         kwargs = dict(self.call_kwargs)
-        inner = kwargs.pop("velocity_factory", None) or partial(PrefixCachedVelocity, self.pipe.model)
+        inner = kwargs.pop("velocity_factory", None) or partial(PrefixCachedVelocity, self.pipe.model,
+                                                                  compiler=self.compiler)
         if negative_prompts is not None:  # None entries: the official empty caption
             kwargs["negative_prompt"] = list(negative_prompts)
         return self.pipe.text_to_image(prompts, seeds=seeds, truncate=self.params.truncate, output_type="pil",

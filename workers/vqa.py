@@ -1,13 +1,14 @@
 """VQAWorker: image + question rows in, answer rows out (one out for each in; failures come back as error rows)."""
 
+import time
 from functools import partial
 
 from flashu_batch.jobs.spec import ModelSpec, StorageSpec, VQAParams
 from flashu_batch.jobs.storage import Storage
 from flashu_batch.workers.common import (BatchSizer, DeadlineRunner, describe_error, exit_for_restart, load_pipeline,
                                          passthrough_columns, read_columns, row_seed, run_rows, settings_json,
-                                         to_table)
-from flashu_batch.workers.images import ImageError, decode_image
+                                         to_table, warm_up, worker_compiler)
+from flashu_batch.workers.images import PIXELS_COLUMN, ImageError, decode_image, pixels_array
 
 
 class VQAWorker:
@@ -28,23 +29,39 @@ class VQAWorker:
     }
     OPTIONAL_COLUMNS = {
         "seed": "the row's own sampling seed (int >= 0) or null (a hash of job_id and id); read when temperature > 0",
+        PIXELS_COLUMN: "the image already decoded and resized to the model's resolution R (R*R*3 bytes, uint8 RGB, "
+                       "(R, R, 3); the CPU stage's workers.images.model_pixels) or null; rows without it, or with "
+                       "pixels of another size, decode image_bytes here. Read, never passed through",
     }
     OUTPUT_COLUMNS = ("id", "question", "image_path", "image_sha256", "answer", "num_tokens", "seed", "model",
                       "latency_s", "error")
     exit_process = staticmethod(exit_for_restart)  # after a fatal CUDA error (run_rows); tests replace it
 
     def __init__(self, model: ModelSpec, params: VQAParams, *, storage: StorageSpec | None = None,
-                 gpus: float = 0.0, batch_timeout_s: float | None = None, job_id: str = ""):
+                 gpus: float = 0.0, batch_timeout_s: float | None = None, job_id: str = "",
+                 batch_size: int | None = None):
         """gpus: the actor's GPU share (model.device 'auto' picks cuda when > 0); job_id: part of every derived
-        sampling seed (row_seed; greedy decoding, the default, needs none)."""
+        sampling seed (row_seed; greedy decoding, the default, needs none); batch_size: the rows a batch holds
+        (resources.batch_size): compiled decoding (model.compile) is warmed up at load for one row and for that
+        many, so full batches and single rows find their graphs ready (None: one row only)."""
         import torch  # noqa: F401 -- heavy imports live in the actor, not in the driver that pickles this class
 
+        from flashu_batch.showo2.pipeline import normalize_pixels
         from flashu_batch.showo2.vqa import greedy_answers
 
         self.job_id, self.params = job_id, params
+        start = time.perf_counter()
         self.pipe, self.specialist = load_pipeline(model, "vqa", Storage(storage), gpus)
-        self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"] if self.specialist else greedy_answers
+        self.load_seconds = time.perf_counter() - start
+        self.compiler = worker_compiler(model, self.pipe.device)  # None: eager
+        if self.specialist is not None:  # FlashU decodes its own way (flashu/understanding.py), eager
+            self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"]
+        elif self.compiler is not None:  # static KV cache, the decode step compiled (CUDA graphs on CUDA)
+            self.decode_fn = partial(greedy_answers, static=self.compiler.static_decoder())
+        else:
+            self.decode_fn = greedy_answers
         self.max_positions = self.pipe.model.config.llm["max_position_embeddings"]
+        self.normalize_pixels = normalize_pixels
         self.runner = DeadlineRunner(batch_timeout_s)
         self.sizer = BatchSizer()  # the batch size that fits this GPU, once an OOM has shown it
         # temperature and top_p are recorded only when sampling: greedy rows keep exactly the settings they had
@@ -52,6 +69,18 @@ class VQAWorker:
         self.settings = settings_json(model, str(self.pipe.device), self.specialist,
                                       max_new_tokens=self.params.max_new_tokens, layout=self.params.layout,
                                       **sampling)
+        compiled = self.specialist is None and self.compiler is not None
+        self.compile_seconds = warm_up([partial(self.warm_up_batch, rows) for rows in sorted({1, batch_size or 1})]
+                                       ) if compiled else 0.0
+
+    def warm_up_batch(self, rows: int) -> None:
+        """Answer `rows` copies of a grey image and a short question: compiles the decode step for that batch's bucket
+        (showo2/vqa.py batch_bucket) and cache length, at load instead of in the first batches."""
+        import numpy as np
+
+        R = self.pipe.resolution
+        image = self.normalize_pixels(np.full((R, R, 3), 128, dtype=np.uint8))  # (3, R, R)
+        self.answer_batch([image] * rows, ["What is in the image?"] * rows, list(range(rows)))
 
     def __call__(self, batch):
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__, self.OPTIONAL_COLUMNS)
@@ -68,15 +97,19 @@ class VQAWorker:
             out["error"][i] = self.question_problem(cols["question"][i])
             if out["error"][i] is not None:
                 continue
-            try:  # the validation stage decoded it already, with the same function: this guards direct callers
+            pixels = pixels_array(cols[PIXELS_COLUMN][i], self.pipe.resolution)
+            if pixels is not None:  # decoded and resized once, by the CPU stage: the same pixels preprocess makes
+                images[i] = self.normalize_pixels(pixels)  # (3, R, R) float in [-1, 1]
+                continue
+            try:  # a direct caller's row (the CPU stage validated with this same function)
                 images[i] = decode_image(cols["image_bytes"][i], self.params.max_image_pixels,
                                          self.params.max_image_bytes)
             except ImageError as e:
                 out["error"][i] = str(e)
         if images:
             self.answer(list(images), images, cols["question"], out)
-        return to_table(out, n, type(self).__name__, passthrough_columns(batch, {*self.INPUT_COLUMNS,
-                                                                                 *self.OUTPUT_COLUMNS}))
+        used = {*self.INPUT_COLUMNS, *self.OPTIONAL_COLUMNS, *self.OUTPUT_COLUMNS}  # the pixels are dropped here
+        return to_table(out, n, type(self).__name__, passthrough_columns(batch, used))
 
     def question_problem(self, question) -> str | None:
         """A question too long for the model's positions, as a row error (checked per row: the model would fail

@@ -3,11 +3,11 @@ a finished job with other settings: refused (exit 2) writing nothing, allowed wi
 (metrics.json records the change), and resources free to change."""
 
 import json
-import os
 
 import pytest
 
 from app_testkit import cpu_task, job, write_prompts, write_spec
+from batch_testkit import folder_snapshot
 import flashu_batch.app.submit as submit_module
 from flashu_batch.app.cli import build_parser, main
 from flashu_batch.jobs.output import TaskOutput
@@ -33,7 +33,7 @@ def test_task_settings_hold_what_changes_results_and_nothing_else(tmp_path):
     t2i, vqa = (task_settings(spec, task) for task in spec.tasks)
     assert t2i["kind"] == "t2i" and t2i["params"] == spec.tasks[0].params.model_dump(mode="json")
     assert t2i["model"] == dict(checkpoint=spec.model.checkpoint, dtype="float32", vae_path="/models/vae.pth",
-                                tokenizer_path=None, specialization={"t2i": "on_start"})  # no device
+                                tokenizer_path=None, specialization={"t2i": "on_start"})  # no device, no compile
     assert vqa["model"]["specialization"] == {"vqa": None} and vqa["params"]["max_new_tokens"] == 4
     # Hub references in one form; a revision is part of the setting
     a = task_settings(parse_spec(dict(two_tasks(tmp_path), model=dict(checkpoint="org/model@v1"))), spec.tasks[0])
@@ -57,8 +57,8 @@ def test_fix_settings_records_refuses_naming_every_field_and_allows(tmp_path):
     recorded = read_settings(storage, root)
     assert recorded["settings"] == task_settings(first, first.tasks[0]) and recorded["changes"] == []
 
-    # resources, rows_per_file, input columns and device change freely
-    free = two_tasks(tmp_path, device="auto")
+    # resources, rows_per_file, input columns, device and compile change freely
+    free = two_tasks(tmp_path, device="auto", compile="on")
     free["tasks"][0].update(rows_per_file=5, resources=dict(workers=2, batch_size=1, gpus_per_worker=0,
                                                             batch_timeout_s=30), input=dict(
         uris="prompts.jsonl", format="jsonl", columns={"prompt": "caption"}))
@@ -86,24 +86,13 @@ def test_fix_settings_records_refuses_naming_every_field_and_allows(tmp_path):
     assert fix_settings(storage, changed) == {"t2i": [], "vqa": []}  # the new settings are the job's now
 
 
-def snapshot(root) -> dict:
-    """Every file under a task folder with its bytes and mtime."""
-    found = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
-    return found
-
-
 def test_a_rerun_with_other_settings_is_refused_writing_nothing_unless_allowed(ray_module, tmp_path, capsys):
     raw = job("steps", [cpu_task("t2i", write_prompts(tmp_path / "prompts.jsonl", 4), str(tmp_path / "out"))])
     path = write_spec(tmp_path / "job.json", raw)
     assert main(["run", path, "--quiet"]) == 0
     capsys.readouterr()
     root = str(tmp_path / "out" / "steps" / "t2i")
-    before = snapshot(root)
+    before = folder_snapshot(root)
     assert ".flashu/settings.json" in before and ".flashu/lease.json" not in before
 
     raw["tasks"][0]["params"]["steps"] = 3
@@ -112,7 +101,7 @@ def test_a_rerun_with_other_settings_is_refused_writing_nothing_unless_allowed(r
     out, err = capsys.readouterr()
     assert "tasks[0] (t2i): params.steps was 2, now 3" in err and err.startswith("flashu-batch run: error: ")
     assert "rows" not in out  # no progress: nothing ran
-    assert snapshot(root) == before  # no data file, commit record, metrics or settings change
+    assert folder_snapshot(root) == before  # no data file, commit record, metrics or settings change
 
     resources = json.loads(json.dumps(raw))  # the recorded steps, other resources: allowed
     resources["tasks"][0]["params"]["steps"] = 2

@@ -196,3 +196,14 @@ def count_tokenizer_calls(monkeypatch, pipe) -> list:
 
     monkeypatch.setattr(pipe, "tokenizer", Counting())
     return texts
+
+
+def folder_snapshot(root: str) -> dict:
+    """Every file under a folder, by its path below it: (bytes, mtime in ns). Equal snapshots: nothing was written."""
+    found = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return found

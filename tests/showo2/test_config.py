@@ -255,3 +255,35 @@ def test_llm_query_heads_must_be_a_multiple_of_the_key_value_heads():
     llm = dict(tiny.llm, num_attention_heads=8, num_key_value_heads=3)
     with pytest.raises(ValueError, match="num_attention_heads 8 is not a multiple of num_key_value_heads 3"):
         dataclasses.replace(tiny, llm=llm)
+
+
+def test_input_resolution_reads_a_local_folder_or_the_hub_cache_and_nothing_else(tmp_path, monkeypatch):
+    import sys
+
+    import huggingface_hub.constants
+
+    from flashu_batch.showo2.config import input_resolution
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    from batch_testkit import hub_cache
+
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "config.json").write_text(json.dumps({"llm_model_path": "Qwen/Qwen2.5-1.5B-Instruct"}))  # defaults
+    assert input_resolution(str(official)) == 432 == Showo2Config.from_name("1.5B").resolution
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text(json.dumps({"image_latent_height": 4, "image_latent_width": 4}))
+    assert input_resolution(str(tiny)) == 64 == Showo2Config.from_name("tiny").resolution
+
+    hf_home, _ = hub_cache(str(tmp_path / "hf"), "test-org/tiny-cached", str(tiny))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", os.path.join(hf_home, "hub"))
+    monkeypatch.chdir(tmp_path)  # no local folder named test-org/...: the bare id is a Hub id
+    assert input_resolution("test-org/tiny-cached") == 64 == input_resolution("hf://test-org/tiny-cached")
+    # nothing it cannot read cheaply: not cached (never downloaded), s3://, no folder, a non-square or broken config
+    assert input_resolution("test-org/not-cached") is None and input_resolution("s3://bucket/model") is None
+    assert input_resolution(str(tmp_path / "missing")) is None
+    (tiny / "config.json").write_text(json.dumps({"image_latent_height": 4, "image_latent_width": 6}))
+    assert input_resolution(str(tiny)) is None
+    (tiny / "config.json").write_text("{not json")
+    assert input_resolution(str(tiny)) is None

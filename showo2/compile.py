@@ -1,0 +1,76 @@
+"""torch.compile for the hot steps, in one place: which backend and mode, and the dynamo settings they need.
+
+What is compiled (each piece where it is called, never with a decorator in the model file):
+- the exact T2I step (`PrefixCachedVelocity.velocity`), whole, fullgraph: static caches written in place, no host
+  syncs. A new batch size or prefix length recompiles once, then dynamo's automatic dynamic shapes make them
+  symbolic, so later batches reuse the graph;
+- the FlashU T2I step per region (flashu/generation.py): one LLM decoder layer's code, compiled once and run by
+  every layer (each layer writes its cache through `LayerKV`, so no graph depends on the layer index), the image
+  path, the flow-head blocks and the final layer. A new skip list only changes which layers are called; the pruned
+  and the full FFN width are one graph each: a whole FlashU plan compiles nothing after its first calls;
+- VQA decoding (`showo2.vqa.static_decode_step`) on a StaticDecodeKVCache: the batch padded to a power of two and
+  the cache to a multiple of 64 slots, so every token of every batch in a bucket runs one graph; on CUDA under
+  mode="reduce-overhead" (CUDA graphs: the cache buffers are marked static, they never move).
+
+`model.compile` (jobs/spec.py) picks: "auto" compiles on CUDA (inductor) and not on CPU, "off" never, "on" also on
+CPU, where the backend is "eager" (dynamo's graphs and guards without code generation: it tests the compiled
+path, it is not a speed-up). Compiled results equal eager ones up to float rounding (tests/showo2/test_compile.py).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch._dynamo
+
+from flashu_batch.showo2.kv_cache import StaticDecodeKVCache
+from flashu_batch.showo2.vqa import StaticDecoder, static_decode_step
+
+# Graphs one compiled function may keep before dynamo gives up on it (and runs it eager): the FlashU layer has two
+# (pruned and full FFN width) and one more per batch shape until shapes turn dynamic; the decode step one per
+# (batch bucket, cache length). Dynamo's default of 8 is too few for the decode buckets.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class Compiler:
+    """compiler(fn) -> fn compiled fullgraph with this backend and mode (one wrapper per function)."""
+
+    backend: str = "inductor"  # "eager" or "aot_eager": fast compiles for CPU tests
+    mode: str | None = None  # torch.compile's mode for the T2I steps
+    decode_mode: str | None = None  # for the VQA decode step: "reduce-overhead" (CUDA graphs) on CUDA
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __call__(self, fn, *, decode: bool = False):
+        if fn not in self._compiled:
+            configure_dynamo()
+            mode = self.decode_mode if decode else self.mode
+            self._compiled[fn] = torch.compile(fn, backend=self.backend, mode=mode, fullgraph=True,
+                                               dynamic=False if decode else None)  # decode: one graph per bucket
+        return self._compiled[fn]
+
+    def static_decoder(self) -> StaticDecoder:
+        """The VQA decoder of one worker: the compiled decode step, caches kept per shape with static buffers."""
+        return StaticDecoder(self(static_decode_step, decode=True), new_cache=static_cache)
+
+
+def configure_dynamo() -> None:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
+def static_cache(*shape) -> StaticDecodeKVCache:
+    """A StaticDecodeKVCache whose buffers CUDA graphs may write in place: marked as static addresses."""
+    cache = StaticDecodeKVCache(*shape)
+    for buffer in cache.keys + cache.values:
+        torch._dynamo.mark_static_address(buffer)
+    return cache
+
+
+def compiler_for(setting: Literal["auto", "on", "off"], device) -> Compiler | None:
+    """The Compiler of a worker on `device` for model.compile = setting, or None (eager)."""
+    cuda = torch.device(device).type == "cuda"
+    if setting == "off" or (setting == "auto" and not cuda):
+        return None
+    if cuda:
+        return Compiler(decode_mode="reduce-overhead")
+    return Compiler(backend="eager")

@@ -1,0 +1,214 @@
+"""Compiled steps (showo2/compile.py) against the eager ones, on CPU with dynamo's fast backends: equal results, and
+no recompilation across a whole FlashU plan, across the tokens of an answer or across batch sizes of one bucket."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from flashu_batch.flashu.config import FlashUGenerationConfig
+from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
+from flashu_batch.showo2.compile import Compiler, compiler_for
+from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
+from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
+from flashu_batch.showo2.t2i import generate_latents, seeded_noise
+from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.vqa import StaticDecoder, greedy_answers
+
+TOKENS = SpecialTokens.from_layout(1000)
+TEXT_A, ROLE_B = [TOKENS.bos, 5, 6, 7, 8], [20, TOKENS.bos, 21, 20]
+
+
+@pytest.fixture
+def graphs():
+    """graphs() -> graphs dynamo has compiled since the test began (its caches are reset first)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+def t2i_inputs(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
+    c = model.config
+    seqs = t2i_sequences(prompts, TOKENS, c.num_image_slots, 40)
+    noise = seeded_noise([seed * 10 + i for i in range(len(prompts))], (c.image_latent_dim, *c.latent_size))
+    return seqs, noise, torch.rand(len(prompts), generator=g)
+
+
+def test_compiled_exact_t2i_step_equals_eager(make_tiny_model, graphs):
+    """aot_eager (AOTAutograd's decompositions, no code generation): within fp32 rounding, 1e-5."""
+    model = make_tiny_model(seed=21)
+    compiler = Compiler(backend="aot_eager")
+    seqs, x, t = t2i_inputs(model, [5, 11])
+    with torch.no_grad():
+        eager = PrefixCachedVelocity(model, seqs, use_cfg=True)(x, t)
+        compiled = PrefixCachedVelocity(model, seqs, use_cfg=True, compiler=compiler)
+        torch.testing.assert_close(compiled(x, t), eager, rtol=1e-5, atol=1e-5)
+        assert graphs() == 1
+        # a new batch of the same shape (another velocity object, other prompts, x and t) reuses the graph
+        seqs2, x2, t2 = t2i_inputs(model, [3, 9], seed=1)
+        again = PrefixCachedVelocity(model, seqs2, use_cfg=True, compiler=compiler)(x2, t2, 7)
+        torch.testing.assert_close(again, PrefixCachedVelocity(model, seqs2, use_cfg=True)(x2, t2),
+                                   rtol=1e-5, atol=1e-5)
+    assert graphs() == 1
+
+
+SMALL_PLAN = dict(num_inference_steps=11, guidance_schedule=((6, 3.0), (4, 5.0)), full_network_calls=3,
+                  layer_skip_interval=4, head_cache_interval=2, calibration_steps=3)  # every technique on
+
+
+def test_no_recompilation_across_a_whole_flashu_plan(make_tiny_model, graphs, monkeypatch):
+    """Pruned and full FFN phases, new skip lists, head-cache reuse: the regions compile on their first calls (one
+    graph per FFN width for the layer, shared by all 8 layers) and a second generation compiles nothing."""
+    import flashu_batch.flashu.generation as generation
+
+    model = make_tiny_model(seed=22, llm_overrides={"num_hidden_layers": 8, "intermediate_size": 256})
+    config = FlashUGenerationConfig(**SMALL_PLAN)
+    specialist = GenerationSpecialist(model, pruned_widths(model, config), config)
+    assert set(specialist.ffn_widths) == {192}
+    skip_lists = []
+    real_layers_to_skip = generation.layers_to_skip
+    monkeypatch.setattr(generation, "layers_to_skip", lambda *a: skip_lists.append(real_layers_to_skip(*a))
+                        or skip_lists[-1])
+    compiler = Compiler(backend="eager")
+
+    def generate(seed, compiler):
+        seqs, noise, _ = t2i_inputs(model, [5, 11], seed)
+        return generate_latents(specialist.velocity_fn(seqs, True, compiler), noise,
+                                num_inference_steps=config.num_inference_steps,
+                                guidance_scale=specialist.guidance_scales(4.0))
+
+    first = generate(0, compiler)
+    warm = graphs()
+    # the layer at two widths, the image path, the flow-head blocks, the final layer
+    assert warm == 5, dict(counters["stats"])
+    second = generate(1, compiler)
+    assert graphs() == warm, "a new batch of the same shape recompiled"
+    assert len(skip_lists) == 4 and all(len(s) == 1 for s in skip_lists), skip_lists  # int(8 * 0.2) layers
+    torch.testing.assert_close(first, generate(0, None), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, generate(1, None), rtol=1e-5, atol=1e-5)
+
+
+def vqa_rows(model, question_lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = [vqa_sequence(torch.randint(0, 1000, (n,), generator=g).tolist(), TEXT_A, ROLE_B, TOKENS,
+                         model.config.num_image_slots) for n in question_lengths]
+    latents = torch.randn(len(rows), model.config.image_latent_dim, *model.config.latent_size, generator=g)
+    return rows, latents
+
+
+def test_static_cache_decoding_gives_the_same_tokens(make_tiny_model):
+    model = make_tiny_model(seed=23)
+    rows, latents = vqa_rows(model, [3, 17, 1, 9, 25])  # 5 rows: padded to the bucket of 8
+    kwargs = dict(max_new_tokens=10, eos_id=-1, pad_id=TOKENS.pad, return_logits=True)
+    answers, logits = greedy_answers(model, rows, latents, **kwargs)
+    static = StaticDecoder()
+    static_answers, static_logits = greedy_answers(model, rows, latents, static=static, **kwargs)
+    assert static_answers == answers
+    torch.testing.assert_close(static_logits, logits, rtol=1e-5, atol=1e-5)
+    assert [key[1] for key in static.caches] == [8]
+    # the cache is reused by the next batch of that shape; stale keys from the last one are gone
+    eos = answers[2][4]
+    stopped = greedy_answers(model, rows, latents, max_new_tokens=10, eos_id=eos, pad_id=TOKENS.pad, static=static)
+    assert stopped == greedy_answers(model, rows, latents, max_new_tokens=10, eos_id=eos, pad_id=TOKENS.pad)
+    assert len(static.caches) == 1
+
+
+def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
+    model = make_tiny_model(seed=24)
+    decoder = Compiler(backend="eager").static_decoder()
+    rows, latents = vqa_rows(model, [3, 17, 1, 9, 25, 4, 12, 6])  # the longest first: one prompt length
+    kwargs = dict(max_new_tokens=8, eos_id=-1, pad_id=TOKENS.pad)
+    for n in (5, 7, 8):  # one bucket (8 rows), one cache length: one graph for every token of every batch
+        compiled = greedy_answers(model, rows[:n], latents[:n], static=decoder, **kwargs)
+        assert compiled == greedy_answers(model, rows[:n], latents[:n], **kwargs)
+        assert all(len(a) == 8 for a in compiled)
+        assert graphs() == 1, n
+    greedy_answers(model, rows[:1], latents[:1], static=decoder, **kwargs)  # bucket 1: its own graph
+    assert graphs() == 2 and sorted(key[1] for key in decoder.caches) == [1, 8]
+
+
+def test_compile_setting():
+    assert compiler_for("off", "cpu") is None and compiler_for("off", "cuda") is None
+    assert compiler_for("auto", "cpu") is None  # auto: CUDA only
+    assert compiler_for("auto", "cuda") == Compiler(backend="inductor", decode_mode="reduce-overhead")
+    assert compiler_for("on", "cpu") == Compiler(backend="eager")
+
+
+# ---- the worker: compiled and warmed up at load, or not at all ------------------------------------------------
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+
+
+@pytest.mark.parametrize("setting", ["off", "auto", "on"])
+def test_worker_compiles_at_load_only_when_asked(tmp_path_factory, graphs, setting):
+    from batch_testkit import build_worker, spec_dict, tiny_checkpoint
+
+    from flashu_batch.jobs.spec import parse_spec
+    from flashu_batch.workers import T2IWorker
+
+    raw = spec_dict("job-c", tiny_checkpoint(str(tmp_path_factory.getbasetemp())), [dict(
+        kind="t2i", input=dict(uris="in.jsonl", format="jsonl"), output="out", params=dict(steps=3))])
+    raw["model"]["compile"] = setting
+    worker = build_worker(T2IWorker, parse_spec(raw), "t2i")
+    assert worker.load_seconds > 0
+    at_load = graphs()
+    out = worker({"id": np.array(["a", "b", "c"], dtype=object),
+                  "prompt": np.array(["a red fox", "two cats on a sofa", "a lighthouse"], dtype=object),
+                  "seed": np.array([1.0, 2.0, 3.0]), "error": np.array([None] * 3, dtype=object)})
+    assert out.column("error").to_pylist() == [None] * 3
+    if setting == "on":
+        assert worker.compiler == Compiler(backend="eager") and worker.compile_seconds > 0 and at_load > 0
+        assert graphs() == at_load, "the first batch after the warm-up recompiled"
+    else:  # eager: dynamo never ran a frame
+        assert worker.compiler is None and worker.compile_seconds == 0.0
+        assert graphs() == 0 and counters["frames"]["total"] == 0
+
+
+@pytest.mark.parametrize("setting", ["off", "on"])
+def test_vqa_worker_compiles_decoding_at_load_only_when_asked(tmp_path_factory, graphs, setting):
+    """model.compile 'on' (CPU: dynamo's eager backend): the worker decodes on a StaticDecoder whose step is compiled
+    at load for one row and for a full batch; the first batch then compiles nothing, and its answers are the eager
+    worker's."""
+    from batch_testkit import png_bytes, spec_dict, tiny_checkpoint
+
+    from flashu_batch.jobs.spec import parse_spec
+    from flashu_batch.scheduler.pipeline import worker_kwargs
+    from flashu_batch.workers import VQAWorker
+
+    raw = spec_dict("job-v", tiny_checkpoint(str(tmp_path_factory.getbasetemp())), [dict(
+        kind="vqa", input=dict(uris="in.parquet", format="parquet"), output="out", params=dict(max_new_tokens=6))])
+    spec = parse_spec(raw)
+    task = spec.task("vqa")
+
+    def build(compile_setting):
+        model = spec.model.model_copy(update=dict(compile=compile_setting))
+        return VQAWorker(**worker_kwargs(model, task.params, task.resources, spec.storage, spec.job_id),
+                         batch_size=task.resources.batch_size)
+
+    batch = {"id": np.array(["a", "b"], dtype=object), "question": np.array(["what color", "how many"], dtype=object),
+             "image_bytes": np.array([png_bytes((255, 0, 0)), png_bytes((0, 90, 200), (25, 60))], dtype=object),
+             "image_path": np.array(["a.png", "b.png"], dtype=object),
+             "image_sha256": np.array(["x", "y"], dtype=object), "error": np.array([None, None], dtype=object)}
+    worker = build(setting)
+    assert worker.load_seconds > 0
+    at_load = graphs()
+    out = worker(batch).to_pydict()
+    assert out["error"] == [None, None]
+    if setting == "on":
+        assert worker.compiler == Compiler(backend="eager") and worker.compile_seconds > 0
+        assert isinstance(worker.decode_fn.keywords["static"], StaticDecoder)
+        assert at_load == 2, "one decode graph per warmed-up bucket (1 row, 2 rows)"
+        assert graphs() == at_load, "the first batch after the warm-up recompiled"
+        eager = build("off")
+        assert worker(batch).to_pydict()["answer"] == out["answer"] == eager(batch).to_pydict()["answer"]
+        assert out["num_tokens"] == eager(batch).to_pydict()["num_tokens"]
+    else:  # eager: dynamo never ran a frame
+        assert worker.compiler is None and worker.compile_seconds == 0.0 and worker.decode_fn is greedy_answers
+        assert graphs() == 0 and counters["frames"]["total"] == 0
