@@ -1,22 +1,25 @@
-"""Driver memory at scale: everything the driver does for a task except the model work, on a synthetic input.
+"""Driver memory and time at scale: everything the driver does for a task except the model work, on a synthetic input.
 
-    python -m bench.scale [--rows 10000000] [--format parquet|jsonl] [--data DIR] [--json]
+    python -m bench.scale [--rows 16000000] [--format parquet|jsonl] [--data DIR] [--json]
 
 Writes (or reuses, under --data) a synthetic t2i input of N rows with given ids, 1% of them repeating an id from
 1001 rows before (scraped data), as Parquet files of 1M rows in row groups of 128Ki rows (pyarrow's writer; the
-default writer makes 1Mi-row groups) or as JSONL files of 1M lines. Then three driver runs, each a fresh process
-on a fresh local Ray, in run_task's order (scheduler/driver.py):
+default writer makes 1Mi-row groups) or as JSONL files of 1M lines. Then driver runs, each a fresh process on a
+fresh local Ray, in run_task's order (scheduler/driver.py, scheduler/bookkeeping.py):
 
-    fresh     nothing committed yet: plan + id pre-pass + commit scan + skip set (repeats) to the object store
-    resume    half the ids committed (records written beforehand, untimed): the same, with a half-full skip set,
-              then finalize + the exactly-once check over the committed half
-    finished  every id committed: the re-run of a finished job, and the end of a complete run (finalize + check)
+    fresh     nothing committed yet: plan + index pass (ids read, commits scanned, partition tasks: the skip set)
+    resume    half the ids committed (records written beforehand, untimed): the same, then the final pass
+              (finalize + the exactly-once check) over the committed half
+    finished  every id committed, as a complete run leaves it: the index pass, the final pass (which records every
+              unit complete), then a second run of the finished job (reads no unit, writes nothing)
 
-The pipeline itself (validate, model, write) is not run: at 10M rows its CPU work takes hours on a small machine and
-none of it runs in the driver, which only streams one small summary row per committed file. The commit records are
-written with the real write path (TaskOutput.write_and_commit, 1000 rows per file) before a run is measured.
-Reported: per run and phase the driver's peak RSS (VmHWM, reset between phases; it includes the object-store pages
-the driver itself wrote by ray.put) and seconds. The last printed line is one JSON object (--json: only that).
+The pipeline itself (validate, model, write) is not run: at millions of rows its CPU work takes hours on a small
+machine and none of it runs in the driver, which only streams one small summary row per committed file. The commit
+records are written with the real write path (TaskOutput.write_and_commit, 1000 rows per file, each row's read key
+kept as the pipeline keeps it) before a run is measured. Reported: per run and phase the driver's peak RSS (VmHWM,
+reset between phases; it includes the object-store pages the driver itself wrote by ray.put) and seconds, and the
+seconds the Ray tasks of the distributed phases ran (summed over tasks: the cluster's time). The last printed line
+is one JSON object (--json: only that).
 """
 
 import argparse
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 
 FILE_ROWS = 1_000_000
 ROW_GROUP = 131_072
+GROUPS_PER_FILE = -(-FILE_ROWS // ROW_GROUP)
 REPEAT_EVERY, REPEAT_BACK = 100, 1001  # row i % 100 == 99 (i >= 1001) takes the id of row i - 1001 (not a repeat)
 ROWS_PER_FILE = 1000  # output rows per committed file (the spec's rows_per_file)
 
@@ -65,23 +69,36 @@ def write_input(folder: str, rows: int, fmt: str) -> None:
             f.write("".join(lines.to_pylist()))
 
 
-def distinct_ids(rows: int) -> list[str]:
-    """The input's distinct ids in first-occurrence order (what the output holds once the job is done)."""
-    return [f"row-{i}" for i in range(rows) if not (i % REPEAT_EVERY == REPEAT_EVERY - 1 and i >= REPEAT_BACK)]
+def distinct_rows(rows: int) -> np.ndarray:
+    """Read positions of the input's distinct ids' first rows, in read order (what the output holds once done)."""
+    i = np.arange(rows)
+    return i[~((i % REPEAT_EVERY == REPEAT_EVERY - 1) & (i >= REPEAT_BACK))]
 
 
-def commit(root: str, ids: list[str]) -> None:
-    """Commit records (and data files) for `ids`, through the real write path, as a pipeline would leave them."""
-    from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput
+def read_keys(positions: np.ndarray) -> np.ndarray:
+    """The read keys (jobs/ids.py) of read positions in the Parquet layout above (row groups of ROW_GROUP rows)."""
+    from flashu_batch.jobs.ids import read_key
+
+    file, row = positions // FILE_ROWS, positions % FILE_ROWS
+    return read_key(file * GROUPS_PER_FILE + row // ROW_GROUP, row % ROW_GROUP)
+
+
+def commit(root: str, positions: np.ndarray, fmt: str) -> None:
+    """Commit records (and data files) for the rows at `positions`, through the real write path, as a pipeline would
+    leave them (with read keys for Parquet input; a JSONL file is one unit)."""
+    from flashu_batch.jobs.ids import read_key
+    from flashu_batch.jobs.output import READ_KEY, T2I_SCHEMA, TaskOutput
     from flashu_batch.jobs.storage import Storage
 
     output = TaskOutput(Storage(), root)
-    for a in range(0, len(ids), ROWS_PER_FILE):
-        part = ids[a:a + ROWS_PER_FILE]
+    keys = read_keys(positions) if fmt == "parquet" else read_key(positions // FILE_ROWS, positions % FILE_ROWS)
+    for a in range(0, len(positions), ROWS_PER_FILE):
+        part = [f"row-{i}" for i in positions[a:a + ROWS_PER_FILE]]
         n = len(part)
         columns = {f.name: pa.nulls(n, f.type) for f in T2I_SCHEMA}
         columns.update(id=pa.array(part), prompt=pa.array(["p"] * n), model=pa.array(["bench"] * n))
-        output.write_and_commit(pa.table(columns, schema=T2I_SCHEMA), "bench")
+        table = pa.table(columns, schema=T2I_SCHEMA).append_column(READ_KEY, pa.array(keys[a:a + ROWS_PER_FILE]))
+        output.write_and_commit(table, "bench")
 
 
 # ---- one measured driver run (a child process) ---------------------------------------------------------------------
@@ -97,23 +114,24 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def driver_run(data: str, fmt: str, out: str, finish: bool) -> dict:
-    """run_task's bookkeeping, phase by phase, without the pipeline: {phase: {"s", "peak_mb"}} and counts."""
-    phases, clock = {}, [time.perf_counter()]
+def driver_run(data: str, fmt: str, out: str, finish: bool, again: bool) -> dict:
+    """run_task's bookkeeping, phase by phase, without the pipeline: {phase: {"s", "peak_mb"}}, the Ray tasks'
+    seconds per distributed phase, and counts. again: then run the finished job a second time."""
+    phases, clock, cluster = {}, [time.perf_counter()], {}
 
-    def phase(name):
+    def phase(name, task_seconds=None):
         now = time.perf_counter()
         phases[name] = dict(s=round(now - clock[0], 2), peak_mb=round(peak_mb(), 1))
+        if task_seconds:
+            cluster[name] = {k: round(v, 2) for k, v in task_seconds.items()}
         reset_peak()
         clock[0] = time.perf_counter()
-
-    import ray
 
     from flashu_batch.jobs.output import TaskOutput, task_root
     from flashu_batch.jobs.spec import JobSpec
     from flashu_batch.jobs.storage import Storage
-    from flashu_batch.scheduler.driver import committed_mask, init_ray, repeats_report, scan_ids
-    from flashu_batch.scheduler.pipeline import Skip
+    from flashu_batch.scheduler.bookkeeping import final_pass, index_input, record_units
+    from flashu_batch.scheduler.driver import finished_summary, init_ray, repeats_report
     from flashu_batch.scheduler.read import plan_reads
 
     spec = JobSpec.model_validate(dict(
@@ -125,34 +143,40 @@ def driver_run(data: str, fmt: str, out: str, finish: bool) -> dict:
     init_ray(spec, quiet=True)
     phase("start (imports, local Ray)")
 
-    units = plan_reads(storage, task.input)
-    phase("plan")
-    ids = scan_ids(units, task, storage)
-    phase("id pre-pass")
-    done = committed_mask(output, ids.hashes)
-    phase("commit scan")
-    report = repeats_report(ids, units, task, storage)
-    phase("repeat report")
-    skip = None
-    if done.sum() < len(done):  # as run_task: a finished task starts no pipeline, so it needs no skip set
-        skip = ray.put(Skip(committed=ids.hashes[done], repeats=ids.repeats, unit_starts=ids.unit_starts))
-        phase("skip set to the object store")
-    result = dict(units=len(units), input_rows=int(ids.unit_starts[-1]), distinct_ids=len(ids.hashes),
-                  committed_before=int(done.sum()), repeated_rows=report["rows"],
-                  first_repeat=report["examples"][0]["message"] if report["examples"] else None)
-    del skip, done
-    if finish:
-        summary = output.finalize(spec.job_id, task.task_name, task.kind, dict(bench=True))
-        phase("finalize")
-        result.update(manifest_rows=summary["rows"], lacking=int((~committed_mask(output, ids.hashes)).sum()))
-        phase("exactly-once check")
+    def one_run(label: str) -> dict:
+        units = plan_reads(storage, task.input)
+        phase(f"{label}plan")
+        index = index_input(units, task, storage, output)
+        phase(f"{label}index pass (ids, commit scan, partitions)", index.task_seconds)
+        report = repeats_report(index, task, storage)
+        record_units(index, output, index.complete, report)
+        phase(f"{label}repeat report + unit records")
+        result = dict(units=len(units), units_read=int((~index.unread).sum()), input_rows=index.input_rows,
+                      distinct_ids=index.distinct, committed_before=index.done, repeated_rows=report["rows"],
+                      first_repeat=report["examples"][0]["message"] if report["examples"] else None)
+        if finish:
+            metrics = dict(bench=True)
+            if not index.todo.sum() and index.unread.all() and finished_summary(output, metrics) is not None:
+                phase(f"{label}finished: nothing to read or write")
+                return dict(result, finished_without_writing=True)
+            records, losers, missing, check = final_pass(index, output, 1, report)
+            summary = output.settle(spec.job_id, task.task_name, task.kind, metrics, records, losers, missing)
+            phase(f"{label}final pass (finalize + exactly-once check)", check["task_seconds"])
+            result.update(manifest_rows=summary["rows"], lacking=check["lacking"])
+        return result
+
+    result = one_run("")
+    if again:
+        result["again"] = one_run("again: ")
+    import ray
+
     ray.shutdown()
-    return dict(result, phases=phases, peak_mb=max(p["peak_mb"] for p in phases.values()))
+    return dict(result, phases=phases, cluster_seconds=cluster, peak_mb=max(p["peak_mb"] for p in phases.values()))
 
 
-def measure(data: str, fmt: str, out: str, finish: bool) -> dict:
+def measure(data: str, fmt: str, out: str, finish: bool, again: bool) -> dict:
     code = (f"import json; from bench.scale import driver_run; "
-            f"print('RESULT', json.dumps(driver_run({data!r}, {fmt!r}, {out!r}, {finish})))")
+            f"print('RESULT', json.dumps(driver_run({data!r}, {fmt!r}, {out!r}, {finish}, {again})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -162,7 +186,7 @@ def measure(data: str, fmt: str, out: str, finish: bool) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--rows", type=int, default=16_000_000)
     parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     parser.add_argument("--data", help="folder for the input and output (reused when its input is there); "
                                        "default: a new temporary folder")
@@ -182,19 +206,20 @@ def main(argv=None) -> None:
         import shutil
 
         shutil.rmtree(root)  # the runs below start from no commits
-    distinct = distinct_ids(args.rows)
+    distinct = distinct_rows(args.rows)
 
     runs, committed = {}, 0
-    for name, committed_to, finish in (("fresh", 0, False), ("resume", len(distinct) // 2, True),
-                                       ("finished", len(distinct), True)):
+    for name, committed_to, finish, again in (("fresh", 0, False, False), ("resume", len(distinct) // 2, True, False),
+                                              ("finished", len(distinct), True, True)):
         start = time.perf_counter()
-        commit(root, distinct[committed:committed_to])
+        commit(root, distinct[committed:committed_to], args.format)
         committed = committed_to
         say(f"{name}: committed {committed_to} ids beforehand ({time.perf_counter() - start:.0f}s, untimed)")
-        runs[name] = measure(data, args.format, out, finish)
+        runs[name] = measure(data, args.format, out, finish, again)
         runs[name]["committed_ids"] = committed_to
         say(f"{name}: peak driver RSS {runs[name]['peak_mb']:.0f} MB; " + ", ".join(
             f"{phase} {p['s']}s / {p['peak_mb']:.0f} MB" for phase, p in runs[name]["phases"].items()))
+        say(f"{name}: Ray task seconds {runs[name]['cluster_seconds']}")
     del distinct
     result = dict(rows=args.rows, format=args.format, machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",

@@ -5,12 +5,14 @@ pyarrow, polars and DuckDB over `**/*.parquet`, `datasets.load_dataset`, a Hub d
 
     data/part-<uuid>.parquet            result rows (schema below), committed ones only
     _SUCCESS                            manifest written by the driver at the end: the committed files, deduplicated
-    .flashu/commits/<key>.json          create-only commit record: {"file", "ids", "rows", "errors", "error_ids", ...};
+    .flashu/commits/<key>.json          create-only commit record: {"file", "ids", "keys" (read keys), "rows", "errors",
+                                        "error_ids", ...};
                                         key = hash of the sorted ids, so a retried write cannot commit twice
     .flashu/staging/<name>.staged       a data file before its commit (named so no `*.parquet` glob matches it)
     .flashu/metrics.json                rows, errors, throughput, seconds of the task
     .flashu/lease.json                  the driver running the job now (host, pid, run id, heartbeat): jobs/lease.py
     .flashu/settings.json               the settings that change results, fixed by the first run: jobs/settings.py
+    .flashu/units/<unit>.json           create-only: this read unit (file, row group) is done; a resume skips it unread
 
 A write stages its file, creates the commit record, then publishes the file under data/ (a rename, or an S3 copy):
 so data/ never holds a file without a record, even after a crash, and a record whose file a crash left staged is
@@ -29,13 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flashu_batch.jobs.ids import HASH, first_occurrences, hash_ids
+from flashu_batch.jobs.ids import COMMIT_ROW, claim_losers, hash_ids
 from flashu_batch.jobs.storage import Storage, join
 
 FORMAT = "flashu-batch-output/1"
 MANIFEST, DATA = "_SUCCESS", "data"
 COMMITS, STAGING, METRICS = ".flashu/commits", ".flashu/staging", ".flashu/metrics.json"
 LEASE, SETTINGS = ".flashu/lease.json", ".flashu/settings.json"  # jobs/lease.py, jobs/settings.py
+UNITS = ".flashu/units"  # completion records of read units (scheduler/bookkeeping.py)
+READ_KEY = "__flashu_read_key"  # a column the read stage adds and the writer keeps in the record (jobs/ids.py)
 ORPHAN_GRACE_S = 3600.0  # uncommitted data files younger than this may belong to a write still in flight
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image layout
@@ -114,12 +118,15 @@ class TaskOutput:
         committed and died before its summary reached the driver, so the rows were never counted). Where an earlier
         run committed the ids (error rows that a --retry-errors run did again), the rows get a record of their own,
         keyed with the run id, and finalize keeps the better row of each id. Without a run_id no write is taken
-        for a retry."""
+        for a retry. A READ_KEY column (each row's read key, jobs/ids.py: where its input row sat) goes into the
+        record, not the file."""
         rel = self.write_data(table)
         return self.commit(rel, table, run_id)
 
     def write_data(self, table: pa.Table) -> str:
         """Stage one data file (no reader sees it) -> the path under the root it gets once committed."""
+        if READ_KEY in table.column_names:
+            table = table.drop_columns([READ_KEY])
         ids = table.column("id").to_pylist()
         assert len(set(ids)) == len(ids) and None not in ids, f"a data file needs unique non-null ids, got {ids[:5]}"
         rel = f"{DATA}/part-{uuid.uuid4().hex}.parquet"
@@ -146,18 +153,23 @@ class TaskOutput:
         errors = len(error_ids)
         record = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=errors, error_ids=error_ids,
                       run_id=run_id, created_unix=time.time())
+        if READ_KEY in table.column_names:
+            record["keys"] = table.column(READ_KEY).to_pylist()
         payload, key = json.dumps(record).encode(), ids_key(ids)
         committed = self.storage.create(self.record_uri(key), payload)
         owner = None if committed else self.record_run_id(key)
         if not committed and owner != run_id:  # an earlier run committed these ids: a record of this run's own
-            committed = self.storage.create(self.record_uri(ids_key(ids, run_id)), payload)
+            key = ids_key(ids, run_id)
+            committed = self.storage.create(self.record_uri(key), payload)
             owner = None if committed else run_id  # its key holds the run id: only this run makes that record
         if committed:
             self.publish(rel)
         else:
             self.storage.delete(self.staged(rel))
         this_run = committed or (bool(run_id) and owner == run_id)  # "": no run to tell a retry from another writer
-        return dict(file=rel, rows=len(ids), errors=errors, committed=committed, this_run=this_run)
+        # record: the commit record that holds this run's rows (None when another run's does)
+        return dict(file=rel, rows=len(ids), errors=errors, committed=committed, this_run=this_run,
+                    record=key if this_run else None)
 
     def record_run_id(self, key: str) -> str | None:
         """The run that created commit record `key` (None if it is gone)."""
@@ -204,65 +216,66 @@ class TaskOutput:
         except FileNotFoundError:
             return None
 
-    def finalize(self, job_id: str, task_name: str, kind: str, metrics: dict) -> dict:
+    def finalize(self, job_id: str, task_name: str, kind: str, metrics: dict, images_per_id: int = 1) -> dict:
         """Deduplicate the commits by id, write `_SUCCESS` (the manifest) and `metrics.json`, remove superseded
-        and orphaned files. Idempotent: on a clean state it rewrites the same manifest and writes no data file."""
-        # 1. Finish an interrupted earlier finalize: records replaced by a rewrite go away. Each record keeps its ids
-        #    as 16-byte hashes (jobs/ids.py), not strings: a task may have millions.
-        records = [dict(r, ids=None, error_ids=None, hashes=hash_ids(r["ids"]),
-                        failed=failed_mask(r["ids"], self.error_ids(r))) for r in self.iter_commits()]
-        replaced = {k for r in records for k in r.get("replaces", [])}
+        and orphaned files, all in this process (the driver runs the same steps with the claims spread over Ray
+        tasks: scheduler/bookkeeping.py). Idempotent: on a clean state it rewrites the same manifest and writes no
+        data file."""
+        records, rows = [], []
+        for r in self.iter_commits():
+            rows.append(commit_rows(r, len(records), images_per_id, self.error_ids(r)))
+            records.append(record_meta(r, len(records)))
+        scanned = len(records)
+        records, missing = self.recover(records)
+        rows = np.concatenate([np.empty(0, COMMIT_ROW)] + rows)
+        standing = np.zeros(scanned, bool)
+        standing[[r["index"] for r in records]] = True
+        losers = claim_losers(rows[standing[rows["record"]]], claim_ranks(records, scanned))
+        return self.settle(job_id, task_name, kind, metrics, records, losers, missing)
+
+    def recover(self, records: list[dict]) -> tuple[list[dict], int]:
+        """Finalize's first steps, over the records' metas (record_meta): finish an interrupted earlier finalize
+        (records that a rewrite replaced go), publish the files of records a crash left staged, and drop the records
+        whose file is gone (their ids run again next time). -> (the records that stand, how many were dropped)."""
+        replaced = {k for r in records for k in r.get("replaces", ())}
         for r in records:
             if r["key"] in replaced:
                 self.storage.delete(self.record_uri(r["key"]))
         records = [r for r in records if r["key"] not in replaced]
-
-        # 2. A record whose file a crash left staged is published now; one whose file is gone cannot be trusted:
-        #    it goes (its ids run again on the next run)
-        data_files = self._data_files()
+        data_files = set(self._data_files())
         staged = {f["uri"] for f in self.storage.list(join(self.root, STAGING))}
         for r in records:
             if r["file"] not in data_files and self.staged(r["file"]) in staged:
                 self.publish(r["file"])
                 staged.discard(self.staged(r["file"]))
-                data_files[r["file"]] = dict(uri=join(self.root, r["file"]), mtime=time.time())
+                data_files.add(r["file"])
         missing = [r for r in records if r["file"] not in data_files]
         for r in missing:
             self.storage.delete(self.record_uri(r["key"]))
-        records = [r for r in records if r["file"] in data_files]
+        return [r for r in records if r["file"] in data_files], len(missing)
 
-        # 3. Each id once: rows that succeeded claim their ids before error rows, and within each, larger files
-        #    first; a file with some ids claimed elsewhere is rewritten without them (new file + record that
-        #    `replaces` the old one), a file with all of them claimed is dropped
-        records.sort(key=lambda r: (-r["rows"], r["key"]))
-        claims, at = np.empty(sum(len(r["hashes"]) for r in records), HASH), 0  # all ids, in claiming order
-        failed = np.concatenate([np.zeros(0, bool)] + [r.pop("failed") for r in records])
-        for r in records:  # each record's hashes go as they are copied: one copy of them at a time
-            hashes = r.pop("hashes")
-            claims[at:at + len(hashes)], at = hashes, at + len(hashes)
-        claim_order = None
-        if failed.any():  # error rows claim last (a stable reordering: the first claim is the earliest position)
-            claim_order = np.concatenate([np.flatnonzero(~failed), np.flatnonzero(failed)])
-            claims = claims[claim_order]
-        order, first = first_occurrences(claims)
-        fresh = np.empty_like(first)
-        fresh[order] = first  # True where the id's first claim is this one
-        if claim_order is not None:
-            fresh[claim_order] = fresh.copy()  # back to the records' order
-        del claims, order, first, failed, claim_order
-        keep, superseded, at = [], [], 0
+    def settle(self, job_id: str, task_name: str, kind: str, metrics: dict, records: list[dict],
+               losers: np.ndarray, missing: int = 0) -> dict:
+        """Finalize's last steps: each id once (the rows `losers`, COMMIT_ROWs from claim_losers, leave: a file
+        that loses some rows is rewritten without them, as a new file and a record that `replaces` the old one; a
+        file that loses all of them is dropped), then the manifest, the metrics and the cleanup (a crash before the
+        cleanup is finished by `recover` next time)."""
+        lost = {}  # record index -> its rows that lose
+        if len(losers):
+            losers = losers[np.argsort(losers["record"], kind="stable")]
+            at, start = np.unique(losers["record"], return_index=True)
+            for index, part in zip(at.tolist(), np.split(losers["row"], start[1:])):
+                lost[index] = part
+        keep, superseded = [], []
         for r in records:
-            mine, at = fresh[at:at + r["rows"]], at + r["rows"]
-            if mine.all():
+            gone = lost.get(r["index"])
+            if gone is None:
                 keep.append(r)
-            elif mine.any():
-                ids = json.loads(self.storage.read_bytes(self.record_uri(r["key"])))["ids"]
-                keep.append(self._rewrite(r, {i for i, m in zip(ids, mine) if m}))
-                superseded.append(r)
-            else:
-                superseded.append(r)
+                continue
+            superseded.append(r)
+            if len(gone) < r["rows"]:
+                keep.append(self._rewrite(r, gone))
 
-        # 4. The manifest, then the metrics, then cleanup (a crash before cleanup is finished by step 1 next time)
         files = sorted(({"file": r["file"], "rows": r["rows"], "errors": r["errors"]} for r in keep),
                        key=lambda f: f["file"])
         manifest = dict(format=FORMAT, job_id=job_id, task=task_name, kind=kind, rows=sum(f["rows"] for f in files),
@@ -270,8 +283,7 @@ class TaskOutput:
                         schema=[f"{field.name}: {field.type}" for field in SCHEMAS[kind]])
         self.storage.write_bytes(join(self.root, MANIFEST), json.dumps(manifest, indent=1).encode())
         metrics = dict(metrics, rows=manifest["rows"], errors=manifest["errors"], files=len(files),
-                       duplicates_removed=sum(r["rows"] for r in records) - manifest["rows"],
-                       missing_files=len(missing))
+                       duplicates_removed=sum(r["rows"] for r in records) - manifest["rows"], missing_files=missing)
         self.storage.write_bytes(join(self.root, METRICS), json.dumps(metrics, indent=1).encode())
         for r in superseded:
             self.storage.delete(self.record_uri(r["key"]))
@@ -303,18 +315,55 @@ class TaskOutput:
         """Whether anything was committed here (a finished or a running task)."""
         return self.storage.exists(join(self.root, MANIFEST)) or bool(self.storage.list(join(self.root, COMMITS)))
 
-    def _rewrite(self, record: dict, fresh: set[str]) -> dict:
+    def _rewrite(self, record: dict, lost: np.ndarray) -> dict:
+        """A new file and record of `record`'s rows but those at the indices `lost`; the new record `replaces` it."""
         fs, path = self.storage.arrow_fs(join(self.root, record["file"]))
         table = pq.read_table(path, filesystem=fs)
-        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(fresh), pa.string())))
+        kept = np.ones(table.num_rows, bool)
+        kept[lost] = False
+        table = table.filter(pa.array(kept))
         rel = self.write_data(table)
         ids, error_ids = table.column("id").to_pylist(), error_ids_of(table)
         new = dict(format=FORMAT, file=rel, ids=ids, rows=len(ids), errors=len(error_ids), error_ids=error_ids,
                    run_id="finalize", created_unix=time.time(), replaces=[record["key"]])
+        keys = json.loads(self.storage.read_bytes(self.record_uri(record["key"]))).get("keys")
+        if keys is not None:
+            new["keys"] = [k for k, m in zip(keys, kept) if m]
         key = ids_key(ids)
         self.storage.create(self.record_uri(key), json.dumps(new).encode())
         self.publish(rel)
-        return dict(new, key=key)
+        return record_meta(dict(new, key=key), -1)
+
+
+def record_meta(record: dict, index: int) -> dict:
+    """What finalize keeps of a commit record besides its rows (no ids: a task has millions); index: its place in
+    the scan (COMMIT_ROW "record"). "replaces" only where the record has one (a rewrite's): one dict per committed
+    file, kept small."""
+    meta = dict(key=record["key"], file=record["file"], rows=record["rows"], errors=record["errors"], index=index)
+    if record.get("replaces"):
+        meta["replaces"] = record["replaces"]
+    return meta
+
+
+def commit_rows(record: dict, index: int, images_per_id: int, error_ids: list[str]) -> np.ndarray:
+    """One commit record's rows as jobs.ids COMMIT_ROWs (record index `index`)."""
+    ids = record["ids"]
+    rows = np.empty(len(ids), COMMIT_ROW)
+    sources, image = image_sources(ids, images_per_id)
+    rows["out"] = hash_ids(ids)
+    rows["hash"] = rows["out"] if images_per_id == 1 else hash_ids(sources)
+    rows["image"], rows["record"], rows["row"] = image, index, np.arange(len(ids))
+    rows["failed"] = failed_mask(ids, error_ids)
+    rows["key"] = record["keys"] if "keys" in record else -1
+    return rows
+
+
+def claim_ranks(records: list[dict], size: int) -> np.ndarray:
+    """(size,) int64: each record's rank in finalize's claim order (larger files first, then by key), by index."""
+    rank = np.zeros(size, np.int64)
+    for k, r in enumerate(sorted(records, key=lambda r: (-r["rows"], r["key"]))):
+        rank[r["index"]] = k
+    return rank
 
 
 # The `datasets` features of the documented columns, kept in each data file's schema metadata: `datasets` then

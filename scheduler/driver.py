@@ -5,16 +5,17 @@ expensive part of a pool's life, and two pools at once would split the GPUs and 
 neither runs at its best batch size; one at a time also keeps failures, metrics and progress per task simple.
 (A cluster much larger than one task can use is better served by submitting one job per task.)
 
-Per task:
-1. Plan the read units and read every id once (pre-pass): a repeated id's first row in read order is the one that
-   runs, its later rows are skipped and reported (metrics.json "repeated_ids"); the ids already committed by an
-   earlier run are known, so the rest is counted (for progress and ETA) and a finished task starts no actor at all.
-2. Stream the pipeline (scheduler/pipeline.py); every summary row is one committed file.
-3. Finalize: deduplicate commits by id, write `_SUCCESS` and `metrics.json`, and check that every distinct input id
-   has exactly one committed row (t2i num_images_per_prompt n > 1: one for each of its n output ids, committed_masks).
-
-The driver's bookkeeping stays compact at millions of rows: ids are 16-byte hashes in numpy arrays (jobs/ids.py),
-commit records are streamed, and what the pipeline skips is put in the object store once (bench/scale.py).
+Per task (nothing the driver holds grows with the number of rows: scheduler/bookkeeping.py):
+1. The index pass, as Ray tasks over hash partitions of the ids: every read unit's ids (only the id column where
+   the input has one) against every commit record. A repeated id's first row in read order is the one that runs,
+   its later rows are skipped and reported (metrics.json "repeated_ids"); committed ids are skipped; what each unit
+   has left is counted (for progress and ETA), and a finished task starts no actor at all. Units that an earlier
+   run recorded complete (.flashu/units/) are not read.
+2. Stream the pipeline (scheduler/pipeline.py) over the units with rows left; every summary row is one committed
+   file. A unit whose rows are all committed is checked and recorded complete as the run goes.
+3. The final pass, again over partitions: finalize (each id once: jobs/output.py recover and settle, `_SUCCESS`
+   and `metrics.json`) and the check that every distinct input id has a committed row (t2i num_images_per_prompt
+   n > 1: each of its n output ids). A re-run of a finished task reads no unit and writes nothing.
 """
 
 import logging
@@ -25,19 +26,17 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-import numpy as np
-
-from flashu_batch.jobs.ids import HASH, find, first_occurrences, hash_ids
+from flashu_batch.jobs.ids import key_ordinal, key_unit
 from flashu_batch.jobs.lease import JobLease, JobLeased
-from flashu_batch.jobs.output import TaskOutput, failed_mask, image_sources, task_root
+from flashu_batch.jobs.output import COMMITS, STAGING, TaskOutput, task_root
 from flashu_batch.jobs.settings import fix_settings
 from flashu_batch.jobs.spec import JobSpec
-from flashu_batch.jobs.storage import Storage
-from flashu_batch.scheduler.pipeline import (READ_CPUS, TASK_OOM_RETRIES, Skip, build_task_pipeline,
-                                             explain_worker_deaths, read_id_hashes)
-from flashu_batch.scheduler.read import InputError, plan_reads, unit_row_ids
-
-REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
+from flashu_batch.jobs.storage import Storage, join
+from flashu_batch.scheduler.bookkeeping import (REPEAT_EXAMPLES, Index, UnitTracker, final_pass, forget_units,
+                                                index_input, record_units)
+from flashu_batch.scheduler.pipeline import (MAX_INLINE_BYTES, READ_CPUS, TASK_OOM_RETRIES, build_task_pipeline,
+                                             explain_worker_deaths)
+from flashu_batch.scheduler.read import plan_reads, unit_row_ids
 
 
 @dataclass
@@ -103,7 +102,8 @@ def init_ray(spec: JobSpec, address: str | None = None, quiet: bool = False) -> 
     # Logical CPUs are scheduling tokens: make room for the largest pool plus its read/validate/write tasks.
     need = max(t.resources.workers * t.resources.cpus_per_worker for t in spec.tasks) + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
-             _system_config=dict(task_oom_retries=TASK_OOM_RETRIES),  # Ray's default -1 re-runs OOM kills forever
+             _system_config=dict(task_oom_retries=TASK_OOM_RETRIES,  # Ray's default -1 re-runs OOM kills forever
+                                 max_direct_call_object_size=MAX_INLINE_BYTES),  # data objects stay out of the driver
              **kwargs)
     return True
 
@@ -189,189 +189,95 @@ def run_task(spec: JobSpec, task, storage: Storage, on_progress=None, worker_cls
              retry_errors: bool = False, output_class: type[TaskOutput] = TaskOutput,
              limit: int | None = None, settings_changed: list[dict] | None = None,
              units: list[dict] | None = None) -> dict:
-    """One task of the job (module docstring: pre-pass, pipeline, finalize) -> its summary. settings_changed: the
+    """One task of the job (module docstring: index, pipeline, finalize) -> its summary. settings_changed: the
     settings this run changed (jobs/settings.py), recorded in metrics.json. units: the read units, when the caller
     planned them already (run_job plans every task's before it writes anything)."""
-    import ray
-
     name, run_id = task.task_name, uuid.uuid4().hex[:12]
     root = task_root(task.output, spec.job_id, name)
     output = output_class(storage, root)
     start = time.perf_counter()
 
-    # 1. Every input id once (the pre-pass), what earlier runs committed, and what is left
+    # 1. The index pass: what each read unit has left to do, and the Skip of the read stage (scheduler/bookkeeping.py)
     units = plan_reads(storage, task.input) if units is None else units
-    ids = scan_ids(units, task, storage)
-    beyond = np.empty(0, np.int64)  # read positions past `limit` in the units still read: skipped like repeats
-    if limit is not None:
-        ids, units, beyond = limit_ids(ids, units, limit)
     per_id = getattr(task.params, "num_images_per_prompt", 1)  # output rows per input id (t2i; ids image_id)
-    if retry_errors:  # ids whose committed rows are all error rows run again
-        committed, done = committed_masks(output, ids.hashes, images_per_id=per_id)
-        retried_errors = int((committed & ~done).sum())
-        del committed
-    else:
-        done, retried_errors = committed_mask(output, ids.hashes, images_per_id=per_id), 0
-    skipped = int(done.sum())
-    progress = Progress(name, 0, (len(done) - skipped) * per_id, 0, skipped * per_id, 0.0,
-                        repeated=len(ids.repeats))
-    repeated_ids = repeats_report(ids, units, task, storage)
+    index = index_input(units, task, storage, output, limit=limit, retry_errors=retry_errors, images_per_id=per_id)
+    todo = int(index.todo.sum())
+    progress = Progress(name, 0, todo * per_id, 0, index.done * per_id, 0.0, repeated=index.repeats)
+    report = repeats_report(index, task, storage)
+    record_units(index, output, index.complete, report)  # the next run does not read these
+    repeated_ids = dict(rows=report["rows"], examples=[public(e) for e in report["examples"]])
 
-    # 2. The pipeline, streamed: one summary row per committed file. What it skips goes to the object store once.
-    if progress.total:
-        skip = None
-        if skipped or len(ids.repeats) or len(beyond):
-            skip = ray.put(Skip(committed=ids.hashes[done], repeats=np.union1d(ids.repeats, beyond),
-                                unit_starts=ids.unit_starts))
-        del done
-        ds = build_task_pipeline(spec, task, units=units, output=output, storage=storage, skip=skip, run_id=run_id,
-                                 worker_cls=worker_cls)
+    # 2. The pipeline over the units with rows to do, streamed: one summary row per committed file
+    if todo:
+        tracker = UnitTracker(index, output, per_id, report)
+        reading = [dict(u, unit=i) for i, u in enumerate(units) if index.todo[i]]
+        ds = build_task_pipeline(spec, task, units=reading, output=output, storage=storage, skip=index.skip,
+                                 run_id=run_id, worker_cls=worker_cls)
         for batch in explain_worker_deaths(ds.iter_batches(batch_size=None, batch_format="pyarrow"), name):
             for row in batch.to_pylist():
                 if row["this_run"]:  # committed by this write, or by its first attempt that died unreported
                     progress.done += row["rows"]
                     progress.errors += row["errors"]
+                    tracker.add(row["units"], row["unit_rows"], row["record"])
                 progress.elapsed_s = time.perf_counter() - start
                 if on_progress:
                     on_progress(replace(progress))  # a snapshot: the callback may keep it
-        del ds, skip
+        del ds
     progress.elapsed_s, progress.finished = time.perf_counter() - start, True
     if on_progress:
         on_progress(replace(progress))
 
     # 3. Finalize and check the contract: every distinct input id committed exactly once
     seconds = round(progress.elapsed_s, 3)
-    metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=int(ids.unit_starts[-1]),
+    metrics = dict(job_id=spec.job_id, task=name, kind=task.kind, input_rows=index.input_rows,
                    repeated_ids=repeated_ids, rows_this_run=progress.done, errors_this_run=progress.errors,
-                   skipped=progress.skipped, retried_errors=retried_errors, seconds=seconds,
+                   skipped=progress.skipped, retried_errors=index.retried, seconds=seconds,
                    rows_per_s=round(progress.done / seconds, 4) if seconds else 0.0, run_id=run_id, limit=limit,
                    settings_changed=settings_changed or [])
-    summary = output.finalize(spec.job_id, name, task.kind, metrics)
-    lacking = np.flatnonzero(~committed_mask(output, ids.hashes, images_per_id=per_id))
-    if len(lacking):
-        shown = [r["id"] for r in read_back(units, ids.unit_starts, ids.first[lacking[:3]], task, storage)]
-        raise RuntimeError(f"task {name!r}: {len(lacking)} of {len(ids.hashes)} input ids have no committed result "
-                           f"(e.g. {shown}); run the job again to finish them.")
+    if not todo and index.unread.all() and not settings_changed:
+        finished = finished_summary(output, metrics)
+        if finished is not None:  # every unit recorded complete and finalized: nothing to read, nothing to write
+            return dict(finished, output=root)
+    records, losers, missing, check = final_pass(index, output, per_id, report)
+    if missing and index.unread.any():
+        forget_units(output)  # a unit recorded complete may have lost rows with the file: the next run reads all
+    summary = output.settle(spec.job_id, name, task.kind, metrics, records, losers, missing)
+    if check["lacking"]:
+        shown = [r["id"] for r in read_back(units, check["examples"], task, storage)]
+        raise RuntimeError(f"task {name!r}: {check['lacking']} input ids have no committed result (e.g. {shown}); "
+                           f"run the job again to finish them.")
+    if missing and index.unread.any():
+        raise RuntimeError(f"task {name!r}: {missing} committed files were missing; the ids they held may have no "
+                           f"result now: run the job again to finish them.")
     return dict(summary, output=root)
 
 
-@dataclass
-class InputIds:
-    """The pre-pass over a task's input: each distinct row id once, as a hash (jobs/ids.py), and where the rows of
-    repeated ids sit. A row's read position is its index over the whole input in read order (read units as
-    planned, then rows in file order): the same in every run over the same input."""
-    hashes: np.ndarray       # (u,) jobs.ids.HASH, sorted: the distinct ids
-    first: np.ndarray        # (u,) int64: read position of each one's first row
-    repeats: np.ndarray      # (r,) int64, sorted: read positions of the rows whose id came earlier
-    examples: list           # [(read position of a repeat, of its id's first row)] for the earliest few repeats
-    unit_starts: np.ndarray  # (units + 1,) int64: read position of each unit's first row, then the row count
+def finished_summary(output: TaskOutput, metrics: dict) -> dict | None:
+    """The summary of a task that an earlier run finished and finalized, when nothing was committed since (its
+    records and data files are the manifest's): the re-run writes nothing. None otherwise, and also when the last
+    run changed settings (metrics.json then says so; this run, which changes none, finalizes again to say it)."""
+    manifest, before = output.manifest(), output.metrics()
+    if manifest is None or before is None or before.get("settings_changed"):
+        return None
+    records = [f for f in output.storage.list(join(output.root, COMMITS)) if f["uri"].endswith(".json")]
+    if len(records) != len(manifest["files"]) or output.storage.list(join(output.root, STAGING)):
+        return None
+    this_run = ("rows_this_run", "errors_this_run", "skipped", "retried_errors", "seconds", "rows_per_s", "run_id",
+                "limit", "repeated_ids", "input_rows")
+    return dict(manifest, metrics=dict(before, **{k: v for k, v in metrics.items() if k in this_run}))
 
 
-def scan_ids(units: list[dict], task, storage: Storage) -> InputIds:
-    """The pre-pass: every row id, hashed in the read tasks (16 bytes per row reach the driver, no strings). Where
-    the input has an id column only the ids are read (Parquet: that column alone, no image bytes); rows without a
-    valid id need their content for a derived id (read.unit_row_ids). A JSONL or CSV file that does not decompress, or
-    lacks a column that input.keep_columns names, fails the job here, before any model work."""
-    per_unit, problems = [np.empty(0, HASH)] * len(units), {}
-    if units:
-        ds = read_id_hashes(units, task.kind, task.input, storage)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for unit, blob, problem in zip(*(batch.column(c).to_pylist() for c in ("unit", "hashes", "problem"))):
-                per_unit[unit] = np.frombuffer(blob, HASH)
-                if problem:
-                    problems[unit] = problem
-    if problems:  # the first in read order, whichever task ended first
-        more = f" ({len(problems) - 1} more read units cannot be read either)" if len(problems) > 1 else ""
-        raise InputError(f"task {task.task_name!r}: {problems[min(problems)]}{more}")
-    return index_ids(per_unit)
-
-
-def index_ids(per_unit: list[np.ndarray]) -> InputIds:
-    """Each read unit's id hashes, in read order -> InputIds: one sort finds the distinct ids and the repeats. The
-    list is emptied as it is used (one copy of the hashes at a time)."""
-    unit_starts = np.cumsum([0] + [len(h) for h in per_unit], dtype=np.int64)
-    hashes = np.concatenate([np.empty(0, HASH)] + per_unit)
-    per_unit.clear()
-    order, first = first_occurrences(hashes)  # hashes is sorted now
-    later = np.flatnonzero(~first)  # sorted-array indices of the rows whose id came earlier
-    shown = later[np.argsort(order[later], kind="stable")[:REPEAT_EXAMPLES]]  # the earliest of them in read order
-    examples = [(int(order[j]), int(order[np.searchsorted(hashes, hashes[j])])) for j in shown]
-    repeats = np.sort(order[later])
-    if len(later):  # one array at a time: the old one goes before the next copy
-        hashes = hashes[first]
-        order = order[first]
-    return InputIds(hashes, order, repeats, examples, unit_starts)
-
-
-def limit_ids(ids: InputIds, units: list[dict], limit: int) -> tuple[InputIds, list[dict], np.ndarray]:
-    """(ids, units) cut to the first `limit` read positions (`run --limit`), and the read positions at or past
-    `limit` that the kept units still hold. The ids and the final check then cover those rows only; units that
-    start at or past `limit` are not read at all."""
-    total = int(ids.unit_starts[-1])
-    if limit >= total:
-        return ids, units, np.empty(0, np.int64)
-    kept = int(np.searchsorted(ids.unit_starts[:-1], limit))  # the units that start before the limit
-    inside = ids.first < limit
-    cut = InputIds(hashes=ids.hashes[inside], first=ids.first[inside], repeats=ids.repeats[ids.repeats < limit],
-                   examples=[pair for pair in ids.examples if pair[0] < limit],
-                   unit_starts=np.append(ids.unit_starts[:kept], np.int64(limit)))
-    return cut, units[:kept], np.arange(limit, ids.unit_starts[kept], dtype=np.int64)
-
-
-def committed_mask(output: TaskOutput, hashes: np.ndarray, images_per_id: int = 1) -> np.ndarray:
-    """(u,) bool: which of the ids `hashes` (sorted) have a commit record, streamed record by record (commit records
-    of ids not in the input are ignored)."""
-    return committed_masks(output, hashes, succeeded_too=False, images_per_id=images_per_id)[0]
-
-
-def committed_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool = True, images_per_id: int = 1):
-    """(committed, succeeded): (u,) bool each over the ids `hashes` (sorted): which have a committed row, and which
-    a committed row that is not an error row (None unless succeeded_too), in one pass over the commit records.
-    images_per_id: output rows per input id (t2i num_images_per_prompt); when > 1, an input id is committed
-    (succeeded) only once each of its n rows, ids jobs.output.image_id, is."""
-    if images_per_id > 1:
-        return _image_masks(output, hashes, succeeded_too, images_per_id)
-    committed = np.zeros(len(hashes), bool)
-    succeeded = np.zeros(len(hashes), bool) if succeeded_too else None
-    for record in output.iter_commits():
-        found, index = find(hashes, hash_ids(record["ids"]))
-        committed[index[found]] = True
-        if succeeded_too:
-            failed = failed_mask(record["ids"], output.error_ids(record))
-            succeeded[index[found & ~failed]] = True
-    return committed, succeeded
-
-
-def _image_masks(output: TaskOutput, hashes: np.ndarray, succeeded_too: bool, n: int):
-    """committed_masks for n > 1 output rows per input id: one bit per image k of each input id (n <= 64), set by a
-    committed row '<id>#<k>'. A file may hold only some of an id's rows (the writer cuts files by row count), so an
-    id whose rows are partly committed runs again; finalize then keeps one row per output id."""
-    full = np.uint64((1 << n) - 1)
-    committed = np.zeros(len(hashes), np.uint64)
-    succeeded = np.zeros(len(hashes), np.uint64) if succeeded_too else None
-    for record in output.iter_commits():
-        sources, k = image_sources(record["ids"], n)
-        found, index = find(hashes, hash_ids(sources))
-        found &= k >= 0
-        bits = np.left_shift(np.uint64(1), k[found].astype(np.uint64))
-        np.bitwise_or.at(committed, index[found], bits)
-        if succeeded_too:
-            ok = ~failed_mask(record["ids"], output.error_ids(record))[found]
-            np.bitwise_or.at(succeeded, index[found][ok], bits[ok])
-    return committed == full, (succeeded == full if succeeded_too else None)
-
-
-def read_back(units: list[dict], unit_starts: np.ndarray, positions, task, storage: Storage) -> list[dict]:
-    """[{"id", "source", "row" (index in its file)}] of a few rows given by read position, in the order given. Their
+def read_back(units: list[dict], keys, task, storage: Storage) -> list[dict]:
+    """[{"id", "source", "row" (index in its file)}] of a few rows given by read key, in the order given. Their
     units are read again, each once, in one Ray task: a unit can be a whole JSONL file, too big for the driver."""
     import ray
 
-    where = [(int(np.searchsorted(unit_starts, p, side="right")) - 1, int(p)) for p in positions]
+    where = [(int(key_unit(k)), int(key_ordinal(k))) for k in keys]
     wanted = {}  # unit index -> (unit, ordinals of the wanted rows in it)
-    for u, p in where:
-        wanted.setdefault(u, (units[u], set()))[1].add(p - int(unit_starts[u]))
+    for u, k in where:
+        wanted.setdefault(u, (units[u], set()))[1].add(k)
     found = ray.get(ray.remote(_read_back).options(num_cpus=READ_CPUS).remote(wanted, task.kind, task.input, storage))
-    return [found[u, p - int(unit_starts[u])] for u, p in where]
+    return [found[u, k] for u, k in where]
 
 
 def _read_back(wanted: dict, kind: str, inp, storage: Storage) -> dict:
@@ -383,15 +289,36 @@ def _read_back(wanted: dict, kind: str, inp, storage: Storage) -> dict:
     return found
 
 
-def repeats_report(ids: InputIds, units: list[dict], task, storage: Storage) -> dict:
+def repeats_report(index: Index, task, storage: Storage) -> dict:
     """metrics.json's "repeated_ids": how many rows were skipped for an id that came earlier, with the earliest few
-    named (the policy: the first row of an id in read order is the one processed; README)."""
-    report = dict(rows=len(ids.repeats), examples=[])
-    if ids.examples:
-        rows = read_back(units, ids.unit_starts, [p for pair in ids.examples for p in pair], task, storage)
-        for again, first in zip(rows[0::2], rows[1::2]):
-            message = (f"id {again['id']!r} at {again['source']} row {again['row']} (from 0) already came at "
-                       f"{first['source']} row {first['row']}: this row is skipped, the first one is processed")
-            report["examples"].append(dict(again, first_source=first["source"], first_row=first["row"],
-                                           message=message))
-    return report
+    named (the policy: the first row of an id in read order is the one processed; README). Each example also holds
+    the read keys of both rows ("key", "first_key"; public() leaves them out): the completion record of a unit keeps
+    the examples in it, so a run that does not read the unit still names them."""
+    kept = [e for record in index.before.values() for e in record.get("examples", [])]
+    pending = [pair for pair in index.examples if pair[0] not in {e["key"] for e in kept}]
+    shown = sorted([(e["key"], e) for e in kept] + [(pair[0], pair) for pair in pending],
+                   key=lambda item: item[0])[:REPEAT_EXAMPLES]
+    keys = [k for _, item in shown if isinstance(item, tuple) for k in item
+            if not index.unread[key_unit(k)] or not index.dense[key_unit(k)]]
+    rows = dict(zip(keys, read_back(index.units, keys, task, storage)))
+    examples = []
+    for _, item in shown:
+        if isinstance(item, dict):
+            examples.append(item)
+            continue
+        again_key, first_key = item
+        again = rows[again_key]
+        if first_key in rows:
+            first = rows[first_key]
+        else:  # its unit is complete and not read: its row by arithmetic (dense: read_ids)
+            unit = index.units[key_unit(first_key)]
+            first = dict(source=unit["source"], row=unit["first_row"] + int(key_ordinal(first_key)))
+        message = (f"id {again['id']!r} at {again['source']} row {again['row']} (from 0) already came at "
+                   f"{first['source']} row {first['row']}: this row is skipped, the first one is processed")
+        examples.append(dict(again, first_source=first["source"], first_row=first["row"], message=message,
+                             key=again_key, first_key=first_key))
+    return dict(rows=index.repeats, examples=examples)
+
+
+def public(example: dict) -> dict:
+    return {k: v for k, v in example.items() if k not in ("key", "first_key")}

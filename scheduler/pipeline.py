@@ -11,24 +11,26 @@ and returns one small summary row. The driver streams those rows, so progress an
 """
 
 import re
-from dataclasses import dataclass
-
 import warnings
 
 import numpy as np
 import pyarrow as pa
 
-from flashu_batch.jobs.ids import find, hash_ids
-from flashu_batch.jobs.output import SCHEMAS, TaskOutput
+from flashu_batch.jobs.ids import key_unit, read_key
+from flashu_batch.jobs.output import READ_KEY, SCHEMAS, TaskOutput
 from flashu_batch.jobs.spec import InputSpec, ModelSpec, ResourcesSpec, StorageSpec
 from flashu_batch.jobs.storage import Storage, StorageUnavailable
-from flashu_batch.scheduler.read import ROW_SCHEMAS, InputError, carry_columns, read_units, unit_row_ids
+from flashu_batch.scheduler.read import ROW_SCHEMAS, carry_columns, read_units
 from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
+from flashu_batch.showo2.config import input_resolution
+from flashu_batch.workers.images import PIXELS_COLUMN
 
 # One row per write (TaskOutput.write_and_commit): "committed" whether this write made the commit record, "this_run"
-# whether its rows count for this run (also a retried write whose first attempt committed, then died unreported)
+# whether its rows count for this run (also a retried write whose first attempt committed, then died unreported),
+# the record holding them, and how many of them came from each read unit
 SUMMARY_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
-                            ("committed", pa.bool_()), ("this_run", pa.bool_())])
+                            ("committed", pa.bool_()), ("this_run", pa.bool_()), ("record", pa.string()),
+                            ("units", pa.list_(pa.int64())), ("unit_rows", pa.list_(pa.int64()))])
 READ_CPUS = 0.25  # CPU stages are light; small shares keep them schedulable beside the actor pool
 
 # Fault tolerance (README, "Fault tolerance"). Ray Data's defaults retry without limit: pool actors restart forever
@@ -43,6 +45,12 @@ TASK_MAX_RETRIES = 3  # read/validate/write tasks whose process died; all safe t
 # Ray the driver starts (driver.init_ray) and on clusters by RAY_task_oom_retries on every node (ray_cluster.yaml,
 # k8s/rayjob.yaml); past it the job ends with the error of explain_worker_deaths.
 TASK_OOM_RETRIES = 3
+# A task's return value under Ray's max_direct_call_object_size (100 KiB by default) is not put in the object store
+# but sent to its owner, the driver, and kept in the driver's memory. The id bookkeeping returns thousands of data
+# objects (scheduler/bookkeeping.py: per task and hash partition), tens of KiB each at millions of rows: at the
+# default they would pile up in the driver, growing with the row count. Set for the Ray the driver starts and, as
+# RAY_max_direct_call_object_size, on every node of a cluster (ray_cluster.yaml, k8s/rayjob.yaml).
+MAX_INLINE_BYTES = 4096
 CPU_STAGE = dict(num_cpus=READ_CPUS, max_retries=TASK_MAX_RETRIES)
 # A storage outage (an S3 server restarting, a network blip longer than the clients' own few retries) raises in a
 # task: Ray Data re-runs a task whose error matches one of these, up to STORAGE_MAX_RETRIES times, with exponential
@@ -55,22 +63,6 @@ RETRIED_STORAGE_ERRORS = [
     StorageUnavailable.MARKER,  # jobs/storage.py: an image fetch (or another read) that met an outage
 ]
 STORAGE_MAX_RETRIES = 5
-
-
-@dataclass
-class Skip:
-    """The rows the read stage drops, before any other work: ids committed by an earlier run, and every row whose id
-    came earlier in read order (the repeated-id policy, README). The driver ray.puts it once for all tasks."""
-    committed: np.ndarray    # (c,) jobs.ids.HASH, sorted: the input ids that have a commit record
-    repeats: np.ndarray      # (r,) int64, sorted: read positions of the rows whose id came earlier
-    unit_starts: np.ndarray  # (units + 1,) int64: read position of each unit's first row, then the row count (read
-    #                          order: units as planned, then rows in file order)
-
-    def keep(self, unit: int, ids: list[str]) -> np.ndarray:
-        """(n,) bool over the rows of read unit `unit`, in file order."""
-        committed, _ = find(self.committed, hash_ids(ids))
-        repeated, _ = find(self.repeats, self.unit_starts[unit] + np.arange(len(ids)))
-        return ~(committed | repeated)
 
 
 def map_stage(ds, fn, **kwargs):
@@ -91,25 +83,16 @@ def read_rows(units: list[dict], kind: str, inp: InputSpec, storage: Storage, sk
                        keep_columns=_keep_columns(inp)))
 
 
-def read_id_hashes(units: list[dict], kind: str, inp: InputSpec, storage: Storage):
-    """The driver's pre-pass: a Dataset of one row per read unit, {"unit": its index in `units`, "hashes": its rows'
-    ids as jobs.ids hashes in file order, 16 bytes each, "problem": null, or why the unit cannot be read (a
-    read.InputError: a corrupt compressed file, a keep_columns column it lacks; the driver raises it)}; the id strings
-    stay in the read tasks. Where the input has ids, only they are read (read.unit_row_ids)."""
-    return map_stage(
-        _units_dataset(units), unit_id_hashes, batch_size=1, batch_format="pyarrow", **CPU_STAGE,
-        fn_kwargs=dict(kind=kind, fmt=inp.format, columns=dict(inp.columns), storage=storage,
-                       keep_columns=_keep_columns(inp)))
-
-
 def _keep_columns(inp: InputSpec) -> list[str] | None:
     return None if inp.keep_columns is None else list(inp.keep_columns)
 
 
 def _units_dataset(units: list[dict]):
+    """One row per read unit; "unit" is its index in the task's plan (given, or its place in `units`)."""
     import ray
 
-    ds = ray.data.from_items([dict(u, unit=i) for i, u in enumerate(units)], override_num_blocks=max(1, len(units)))
+    ds = ray.data.from_items([dict(u, unit=u.get("unit", i)) for i, u in enumerate(units)],
+                             override_num_blocks=max(1, len(units)))
     # The context is the driver's current DataContext (Ray shares it, no copy): every stage of every pipeline gets it
     ds.context.retried_map_errors, ds.context.max_map_retries = RETRIED_STORAGE_ERRORS, STORAGE_MAX_RETRIES
     return ds
@@ -117,26 +100,14 @@ def _units_dataset(units: list[dict]):
 
 def read_new_rows(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage, skip=None,
                   keep_columns: list[str] | None = None) -> pa.Table:
-    """Read stage: one read unit (batch_size=1) -> its canonical rows and carried columns, less those `skip` drops."""
-    rows = read_units(batch, kind, fmt, columns, storage, keep_columns)
-    if skip is None:
-        return rows
+    """Read stage: one read unit (batch_size=1) -> its canonical rows and carried columns, each with its read key
+    (READ_KEY: the writer keeps it in the commit record), less the rows `skip` (scheduler/bookkeeping.py) drops."""
     import ray
 
-    return rows.filter(pa.array(ray.get(skip).keep(batch.column("unit")[0].as_py(), rows.column("id").to_pylist())))
-
-
-def unit_id_hashes(batch: pa.Table, kind: str, fmt: str, columns: dict, storage: Storage,
-                   keep_columns: list[str] | None = None) -> pa.Table:
-    """Pre-pass stage: one read unit (batch_size=1) -> {"unit", "hashes", "problem"}, the ids read_new_rows gives."""
-    assert batch.num_rows == 1, f"one read unit per pre-pass task, got {batch.num_rows}"
-    unit, ids, problem = batch.to_pylist()[0], [], None
-    try:
-        ids = [row_id for _, row_id in unit_row_ids(unit, kind, fmt, columns, storage, keep_columns)]
-    except InputError as e:  # as data: Ray would hand the driver only a traceback's text of it
-        problem = str(e)
-    return pa.table({"unit": batch.column("unit"), "hashes": pa.array([hash_ids(ids).tobytes()], pa.large_binary()),
-                     "problem": pa.array([problem], pa.string())})
+    rows = read_units(batch, kind, fmt, columns, storage, keep_columns)
+    unit = batch.column("unit")[0].as_py()
+    rows = rows.append_column(READ_KEY, pa.array(read_key(unit, np.arange(rows.num_rows)), pa.int64()))
+    return rows if skip is None else rows.filter(pa.array(ray.get(skip).keep(unit, rows.num_rows)))
 
 
 def bucket_by_question_length(batch: pa.Table) -> pa.Table:
@@ -158,19 +129,30 @@ def to_output_table(batch: pa.Table, kind: str) -> pa.Table:
         columns["image"] = [None if b is None else {"bytes": b, "path": p}
                             for b, p in zip(columns.pop("image_bytes"), columns.pop("image_path"))]
     table = pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in schema}, schema=schema)
-    return carry_columns(table, batch, worker_columns)
+    return carry_columns(table, batch, worker_columns | {PIXELS_COLUMN})  # the CPU stage's pixels: never output
 
 
-def validate_rows(batch: pa.Table, kind: str, storage: Storage, params) -> pa.Table:
-    """The CPU validation stage (scheduler/validate.py) on the task's columns; any other column rides along."""
+def validate_rows(batch: pa.Table, kind: str, storage: Storage, params, resolution: int | None = None) -> pa.Table:
+    """The CPU validation stage (scheduler/validate.py) on the task's columns; any other column rides along.
+    resolution (vqa): the model's input side; given, each image is also decoded and resized here, once, for the
+    worker (validate_vqa)."""
     names = ROW_SCHEMAS[kind].names
     rows = batch.select(names)
     if kind == "t2i":
         checked = validate_t2i(rows)
     else:
         checked = validate_vqa(rows, storage, max_image_pixels=params.max_image_pixels,
-                               max_image_bytes=params.max_image_bytes)
-    return carry_columns(checked, batch, names)
+                               max_image_bytes=params.max_image_bytes, resolution=resolution)
+    return carry_columns(checked, batch, checked.column_names)
+
+
+def validate_in_blocks(batch: pa.Table, rows_per_block: int, **kwargs):
+    """validate_rows over `batch` in slices of rows_per_block rows, each yielded as soon as it is done: a read block
+    (a whole Parquet row group, 100k+ rows) never holds all its pixels at once (R*R*3 bytes a row: 560 KB at
+    432 px). A generator rather than the stage's batch_size: a batch_size would also bundle that many read units into
+    one task of the fused read stage (Ray Data fuses the CPU stages, with the largest batch size as every input's)."""
+    for start in range(0, batch.num_rows, rows_per_block):
+        yield validate_rows(batch.slice(start, rows_per_block), **kwargs)
 
 
 class WorkerStartError(RuntimeError):
@@ -228,7 +210,10 @@ def write_and_commit(batch: pa.Table, output: TaskOutput, run_id: str) -> pa.Tab
         first = {row_id: i for i, row_id in reversed(list(enumerate(ids)))}
         batch = batch.take(pa.array(sorted(first.values()), pa.int64()))
     stats = output.write_and_commit(batch, run_id)
-    return pa.Table.from_pylist([stats], schema=SUMMARY_SCHEMA)
+    units, counts = [], []
+    if READ_KEY in batch.column_names:
+        units, counts = np.unique(key_unit(batch.column(READ_KEY).to_numpy()), return_counts=True)
+    return pa.Table.from_pylist([dict(stats, units=list(units), unit_rows=list(counts))], schema=SUMMARY_SCHEMA)
 
 
 def worker_kwargs(model: ModelSpec, params, resources: ResourcesSpec, storage: StorageSpec | None,
@@ -248,15 +233,26 @@ def inference_stages(ds, kind: str, model: ModelSpec, params, resources: Resourc
     from flashu_batch.workers import T2IWorker, VQAWorker
 
     worker_cls = worker_cls or (T2IWorker if kind == "t2i" else VQAWorker)
-    ds = map_stage(ds, validate_rows, batch_format="pyarrow", **CPU_STAGE,
-                   fn_kwargs=dict(kind=kind, storage=Storage(storage), params=params))
-    if kind == "vqa":  # shape buckets: a whole block sorted by question length before it is cut into batches
+    checks = dict(kind=kind, storage=Storage(storage), params=params)
+    if kind == "t2i":
+        ds = map_stage(ds, validate_rows, batch_format="pyarrow", **CPU_STAGE, fn_kwargs=checks)
+    else:
+        # Shape buckets: a whole read block sorted by question length before it is cut into batches (before the
+        # pixels exist: sorting moves only the rows as read). Then each image decoded and resized once, here, at the
+        # model's resolution (None where the checkpoint's config cannot be read cheaply: the workers resize), in
+        # slices of a batch, so that a block holds at most a batch of pixels.
         ds = map_stage(ds, bucket_by_question_length, batch_size=None, batch_format="pyarrow", **CPU_STAGE)
+        ds = map_stage(ds, validate_in_blocks, batch_size=None, batch_format="pyarrow", **CPU_STAGE,
+                       fn_kwargs=dict(checks, rows_per_block=resources.batch_size,
+                                      resolution=input_resolution(model.checkpoint)))
     # Blocks of one batch each (streaming, no shuffle): a read unit is one block of a whole file or row group, and
     # a map task emits its output only when the whole block is done; without this one big file would go through
     # one actor (the others idle) and commit nothing until its last row.
     ds = ds.repartition(target_num_rows_per_block=resources.batch_size)
-    ds = map_stage(ds, worker_cls, fn_constructor_kwargs=worker_kwargs(model, params, resources, storage, job_id),
+    kwargs = worker_kwargs(model, params, resources, storage, job_id)
+    if kind == "vqa":  # its warm-up compiles the decode graphs of a full batch (model.compile)
+        kwargs["batch_size"] = resources.batch_size
+    ds = map_stage(ds, worker_cls, fn_constructor_kwargs=kwargs,
                    resources=dict(resources.custom),  # e.g. {"t2i": 1}: the pool goes only to t2i nodes
                    compute=ray.data.ActorPoolStrategy(size=resources.workers),  # the full pool from the start
                    num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker,

@@ -28,6 +28,7 @@ import pyarrow as pa
 from flashu_batch.jobs.output import SCHEMAS
 from flashu_batch.jobs.spec import T2I_COLUMNS, VQA_COLUMNS, InputSpec
 from flashu_batch.jobs.storage import Storage, is_s3, join
+from flashu_batch.workers.images import PIXELS_COLUMN
 
 GLOB_CHARS = "*?["  # an input.uris entry with one of these is a glob pattern (glob_files)
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # JSONL and CSV files, by name; decompressed on read (pyarrow codecs)
@@ -43,19 +44,22 @@ ROW_SCHEMAS = {
                       ("error", pa.string())]),
 }
 MAX_SEED = 2**63
-# Input columns a row never carries under their own name: the output's columns and the stages' (image_bytes, ...)
-RESERVED_COLUMNS = frozenset(name for schema in (*SCHEMAS.values(), *ROW_SCHEMAS.values()) for name in schema.names)
+# Input columns a row never carries under their own name: the output's columns and the stages' (image_bytes, ...,
+# and the CPU stage's model-ready pixels)
+RESERVED_COLUMNS = frozenset({PIXELS_COLUMN, *(name for schema in (*SCHEMAS.values(), *ROW_SCHEMAS.values())
+                                               for name in schema.names)})
 MAX_TEXT_COLUMNS = 1000  # distinct JSON keys in one file when keep_columns is None: a carried column each
 
 
 class InputError(ValueError):
     """An input file that a read task cannot read as the spec says (corrupt, or lacking a keep_columns column): the
-    job stops. The pre-pass returns it as data for the driver to raise (pipeline.unit_id_hashes), since Ray keeps
+    job stops. The index pass returns it as data for the driver to raise (bookkeeping.read_ids), since Ray keeps
     only a traceback's text of an exception raised in a task."""
 
 
 def plan_reads(storage: Storage, inp: InputSpec) -> list[dict]:
-    """The input's read units, in a stable order: {"uri", "source", "row_group", "first_row"}. "source" is part of
+    """The input's read units, in a stable order: {"uri", "source", "row_group", "first_row", "rows" (a Parquet row
+    group's row count, None for a JSONL / CSV file), "size" (the file's bytes)}. "source" is part of
     derived ids, so it is the file's path relative to where input.uris found it (moving a dataset keeps the ids): a
     file's name, a folder's name and the path below it, or a pattern's path below its literal folder (input_files).
     Parquet footers are read here: a file that is not Parquet, a keep_columns name a file lacks, and an extra column
@@ -66,14 +70,15 @@ def plan_reads(storage: Storage, inp: InputSpec) -> list[dict]:
     wanted = task_columns(dict(inp.columns))
     for uri in inp.uris:
         for file_uri, source in input_files(storage, uri, inp.format):
-            if inp.format != "parquet":
-                units.append(dict(uri=file_uri, source=source, row_group=-1, first_row=0))
-                continue
             fs, path = storage.arrow_fs(file_uri)
+            if inp.format != "parquet":
+                units.append(dict(uri=file_uri, source=source, row_group=-1, first_row=0, rows=None,
+                                  size=fs.get_file_info(path).size))
+                continue
             try:
                 with fs.open_input_file(path) as f:
                     pf = pq.ParquetFile(f)
-                    meta, schema = pf.metadata, pf.schema_arrow
+                    meta, schema, size = pf.metadata, pf.schema_arrow, f.size()
             except pa.ArrowInvalid as e:  # not Parquet, or cut short: no row of it can be read
                 raise ValueError(f"input file {file_uri!r} is not a readable Parquet file ({e}); replace it, or "
                                  f"take it out of input.uris.") from None
@@ -81,8 +86,9 @@ def plan_reads(storage: Storage, inp: InputSpec) -> list[dict]:
                 _unify_carried(carried, schema.field(name), file_uri)
             first = 0
             for g in range(meta.num_row_groups):
-                units.append(dict(uri=file_uri, source=source, row_group=g, first_row=first))
-                first += meta.row_group(g).num_rows
+                rows = meta.row_group(g).num_rows
+                units.append(dict(uri=file_uri, source=source, row_group=g, first_row=first, rows=rows, size=size))
+                first += rows
     return units
 
 
@@ -351,7 +357,7 @@ def _text_unit(unit: dict, fmt: str, columns: dict, storage: Storage, keep_colum
 def read_file_bytes(storage: Storage, uri: str) -> bytes:
     """A JSONL or CSV file's bytes, decompressed when its name ends in .gz (gzip) or .zst (zstd). One that does not
     decompress (cut short, corrupt) is an InputError naming it: its rows cannot be told apart, so, as an unreadable
-    Parquet file in plan_reads, it stops the job (the pre-pass reads every file before any model work)."""
+    Parquet file in plan_reads, it stops the job (the index pass reads every file before any model work)."""
     fs, path = storage.arrow_fs(uri)
     with fs.open_input_stream(path, compression=None) as f:  # pyarrow's default would decompress by name too
         data = f.read()  # first, whole: an outage (retried, pipeline.py) is not mistaken for a corrupt file

@@ -1,5 +1,5 @@
 """`flashu-batch run --limit N`: the first N rows of each task, as job `<job_id>-limit<N>`; the real job's output is
-never touched. The cut itself (scheduler/driver.py limit_ids) is checked without Ray first."""
+never touched. The cut itself (scheduler/bookkeeping.py cut_key) is checked without Ray first."""
 
 import json
 import os
@@ -10,27 +10,38 @@ import pyarrow.parquet as pq
 
 from app_testkit import cpu_task, job, write_prompts, write_spec
 from flashu_batch.app.cli import main
-from flashu_batch.jobs.ids import hash_ids
+from flashu_batch.jobs.ids import INPUT_ROW, NO_KEY, hash_ids, key_unit, read_key
 from flashu_batch.jobs.output import TaskOutput, read_output
 from flashu_batch.jobs.storage import Storage
-from flashu_batch.scheduler.driver import index_ids, limit_ids
+from flashu_batch.scheduler.bookkeeping import cut_key, partition_pass, rows_inside
 
 
-def test_limit_ids_keeps_the_first_read_positions_and_names_the_rest_of_the_last_unit():
+def input_rows(unit: int, ids: list[str]) -> np.ndarray:
+    rows = np.empty(len(ids), INPUT_ROW)
+    rows["hash"], rows["key"] = hash_ids(ids), read_key(unit, np.arange(len(ids)))
+    return rows
+
+
+def test_the_limit_cut_keeps_the_first_read_positions_and_drops_the_rest_of_the_last_unit():
     # three units of 3, 0 and 4 rows; "a" repeats at position 2 and "c" (first at 4) at 6
-    per_unit = [hash_ids(["a", "b", "a"]), hash_ids([]), hash_ids(["c", "d", "c", "e"])]
-    units = [dict(unit=i) for i in range(3)]
-    ids = index_ids(list(per_unit))
-    cut, kept, beyond = limit_ids(ids, units, 5)  # positions 0..4: a b a | c d
-    assert kept == units and beyond.tolist() == [5, 6]
-    assert np.array_equal(cut.hashes, np.sort(hash_ids(["a", "b", "c", "d"])))
-    assert sorted(cut.first.tolist()) == [0, 1, 3, 4] and cut.repeats.tolist() == [2]
-    assert cut.unit_starts.tolist() == [0, 3, 3, 5] and [pair[0] for pair in cut.examples] == [2]
-    cut, kept, beyond = limit_ids(ids, units, 3)  # a unit boundary: the empty unit and the last are not read
-    assert kept == units[:1] and beyond.tolist() == [] and cut.unit_starts.tolist() == [0, 3]
-    assert np.array_equal(cut.hashes, np.sort(hash_ids(["a", "b"])))
-    cut, kept, beyond = limit_ids(ids, units, 7)  # the whole input: nothing changes
-    assert cut is ids and kept is units and len(beyond) == 0
+    per_unit = [input_rows(0, ["a", "b", "a"]), input_rows(1, []), input_rows(2, ["c", "d", "c", "e"])]
+    rows = np.array([3, 0, 4])
+    unread, groups = np.zeros(3, bool), np.zeros(3, np.int64)
+
+    def cut(limit):
+        key = cut_key(rows, limit)
+        summary, drops = partition_pass(3, 1, False, unread, key, groups, 1, None, None, *per_unit)
+        return key, summary, drops
+
+    key, summary, drops = cut(5)  # positions 0..4: a b a | c d
+    assert key == read_key(2, 2) and [rows_inside(key, u, int(n)) for u, n in enumerate(rows)] == [3, 0, 2]
+    assert summary["distinct"] == 4 and summary["repeats"] == 1 and summary["todo"].tolist() == [2, 0, 2]
+    assert [key_unit(k) for k, _ in summary["examples"]] == [0] and drops["key"].tolist() == [read_key(0, 2)]
+    key, summary, _ = cut(3)  # a unit boundary: the empty unit and the last do no row
+    assert key == read_key(1, 0) and [rows_inside(key, u, int(n)) for u, n in enumerate(rows)] == [3, 0, 0]
+    assert summary["distinct"] == 2 and summary["todo"].tolist() == [2, 0, 0]
+    key, summary, _ = cut(7)  # the whole input: nothing is cut
+    assert key == NO_KEY and summary["distinct"] == 5 and summary["repeats"] == 2
 
 
 def test_limit_runs_the_first_rows_under_a_job_id_of_its_own(ray_module, tmp_path, capsys):

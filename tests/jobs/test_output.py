@@ -65,7 +65,7 @@ def test_interrupted_rewrite_is_finished_by_the_next_finalize(output):
     output.write_and_commit(rows(["c", "d"]))
     records = {r["key"]: r for r in output.commits()}
     smaller = next(r for r in records.values() if r["rows"] == 2)
-    output._rewrite(smaller, {"d"})  # a finalize that crashed right after its rewrite
+    output._rewrite(smaller, [smaller["ids"].index("c")])  # a finalize that crashed right after rewriting it to "d"
     summary = output.finalize("job", "vqa", "vqa", {})
     assert summary["rows"] == 4
     assert sorted(read_output(output.storage, output.root).column("id").to_pylist()) == ["a", "b", "c", "d"]

@@ -21,7 +21,7 @@ from flashu_batch.jobs.output import TaskOutput, read_output
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler.driver import run_job
-from flashu_batch.scheduler.pipeline import TASK_OOM_RETRIES
+from flashu_batch.scheduler.pipeline import MAX_INLINE_BYTES, TASK_OOM_RETRIES
 
 N = 12
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,6 +165,7 @@ def test_clusters_set_the_same_bound_on_every_node():
         config = yaml.safe_load(f)
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "ray start" not in command or f"RAY_task_oom_retries={TASK_OOM_RETRIES} " in command, command
+        assert "ray start" not in command or f"RAY_max_direct_call_object_size={MAX_INLINE_BYTES} " in command
     with open(os.path.join(REPO, "k8s", "rayjob.yaml")) as f:
         [job] = [d for d in yaml.safe_load_all(f) if d["kind"] == "RayJob"]
     cluster = job["spec"]["rayClusterSpec"]
@@ -172,3 +173,4 @@ def test_clusters_set_the_same_bound_on_every_node():
         [container] = group["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["RAY_task_oom_retries"] == str(TASK_OOM_RETRIES), group
+        assert env["RAY_max_direct_call_object_size"] == str(MAX_INLINE_BYTES), group

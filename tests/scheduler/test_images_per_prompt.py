@@ -1,6 +1,6 @@
 """t2i num_images_per_prompt in jobs: n output rows per input id ('<id>#<k>', jobs/output.py image_id), and the
-driver's exactly-once bookkeeping (scheduler/driver.py committed_masks) counting an input id as done only when all
-of its n rows are committed."""
+driver's exactly-once bookkeeping (jobs/ids.py commit_state) counting an input id as done only when all of its n
+rows are committed."""
 
 import json
 
@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 
 from batch_testkit import spec_dict
-from flashu_batch.jobs.ids import hash_ids
-from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput, image_id, image_sources, read_output, task_root
+from flashu_batch.jobs.ids import commit_state, hash_ids
+from flashu_batch.jobs.output import (T2I_SCHEMA, TaskOutput, commit_rows, image_id, image_sources, read_output,
+                                      task_root)
 from flashu_batch.jobs.spec import parse_spec
 from flashu_batch.jobs.storage import Storage
-from flashu_batch.scheduler.driver import committed_mask, committed_masks, run_job
+from flashu_batch.scheduler.driver import run_job
 
 
 def test_image_ids_and_their_sources():
@@ -35,11 +36,14 @@ def test_an_input_id_is_committed_once_all_its_images_are(tmp_path):
     hashes = np.sort(hash_ids(["a", "b", "c", "d"]))
     order = {h: i for i, h in enumerate(hash_ids(["a", "b", "c", "d"]))}
     at = lambda mask: [bool(mask[np.searchsorted(hashes, h)]) for h in order]  # noqa: E731  in a, b, c, d order
-    committed, succeeded = committed_masks(output, hashes, images_per_id=2)
+    def state(n):
+        rows = [commit_rows(r, i, n, output.error_ids(r)) for i, r in enumerate(output.iter_commits())]
+        return commit_state(np.concatenate(rows), hashes, n)
+
+    committed, succeeded, _ = state(2)
     assert at(committed) == [True, True, False, False]  # c lacks c#0; a bare 'd' is no image of n=2
     assert at(succeeded) == [True, False, False, False]  # b#1 is an error row: b runs again with --retry-errors
-    assert at(committed_mask(output, hashes, images_per_id=2)) == at(committed)
-    assert at(committed_mask(output, hashes)) == [False, False, False, True]  # n = 1: the plain ids, as before
+    assert at(state(1)[0]) == [False, False, False, True]  # n = 1: the plain ids, as before
 
 
 def test_a_job_with_two_images_per_prompt_commits_each_once_and_resumes(ray_session, checkpoint, tmp_path):

@@ -15,7 +15,8 @@ from flashu_batch.jobs.output import read_output
 from flashu_batch.jobs.spec import InputSpec, SpecError, StorageSpec, parse_spec
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler import read
-from flashu_batch.scheduler.pipeline import read_rows, unit_id_hashes
+from flashu_batch.scheduler.bookkeeping import read_ids
+from flashu_batch.scheduler.pipeline import read_rows
 from flashu_batch.scheduler.read import InputError, plan_reads, read_units, unit_row_ids
 
 
@@ -258,9 +259,9 @@ def test_prepass_reads_only_the_id_column(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     monkeypatch.setattr(read, "canonical_row", no_rows)
-    hashes = b"".join(unit_id_hashes(pa.Table.from_pylist([dict(u, unit=k)]), "vqa", "parquet", {}, storage)
-                      .column("hashes")[0].as_py() for k, u in enumerate(units))
-    assert hashes == hash_ids(ids).tobytes() and columns_read == [["id"], ["id"]]
+    meta, rows = read_ids(list(enumerate(units)), "vqa", inp, storage, partitions=1)  # the index pass's read task
+    assert meta["rows"] == {0: 4, 1: 2} and meta["problems"] == {} and columns_read == [["id"], ["id"]]
+    assert rows["hash"].tobytes() == hash_ids(ids).tobytes()
 
 
 def test_prepass_ids_equal_the_full_read_where_ids_are_missing_or_invalid(tmp_path, monkeypatch):

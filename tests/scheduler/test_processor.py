@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -102,3 +103,46 @@ def test_a_worker_that_cannot_start_is_reported_as_what_it_is(ray_session, check
     assert message.startswith("task 't2i': its workers could not start: FileNotFoundError: No tokenizer in")
     assert "check model.tokenizer_path" in message and "poison" not in message and "retries" not in message
     assert time.monotonic() - start < 120
+
+
+def test_vqa_workers_get_cpu_stage_pixels_and_answer_as_without_them(ray_session, checkpoint, tmp_path, monkeypatch):
+    """The CPU stage decodes and resizes each image once at the checkpoint's resolution (read from its config); the
+    worker answers from those pixels, and the answers equal a run where the workers decode the images themselves."""
+    import ray
+
+    import flashu_batch.scheduler.pipeline as pipeline
+    from flashu_batch.showo2.config import input_resolution
+    from flashu_batch.workers import VQAWorker
+    from flashu_batch.workers.images import PIXELS_COLUMN
+
+    R = input_resolution(checkpoint)
+    assert R == 64  # the tiny model: 4 x 4 tokens, patch 2, VAE x8
+
+    class PixelsSeenVQAWorker(VQAWorker):  # defined here, so Ray ships it by value to the actor
+        def __call__(self, batch):
+            pixels = batch.column(PIXELS_COLUMN).to_pylist() if PIXELS_COLUMN in batch.column_names else \
+                [None] * batch.num_rows
+            seen = [isinstance(p, bytes) and len(p) == R * R * 3 for p in pixels]
+            return super().__call__(batch).append_column("pixels_seen", pa.array(seen))
+
+    def run(name):
+        processor = build_processor(task="vqa", model=model(checkpoint), params=dict(max_new_tokens=4),
+                                    resources=RESOURCES, worker_cls=PixelsSeenVQAWorker)
+        colors, sizes = [(255, 0, 0), (0, 90, 200), (30, 200, 40), (250, 250, 0), (9, 9, 9)], \
+            [(40, 30), (25, 90), (64, 64), (120, 33), (7, 11)]
+        questions = ["what color", "what shape is it, and is it wide or tall", "how many", "why", "which one is it"]
+        rows = [dict(question=q, image=png_bytes(c, s), key=f"k{i}")
+                for i, (q, c, s) in enumerate(zip(questions, colors, sizes))]
+        rows.append(dict(question="broken", image=b"not an image", key="bad"))
+        processor(ray.data.from_items(rows)).write_parquet(str(tmp_path / name))
+        return by_key(tmp_path / name, "key")
+
+    with_pixels = run("pixels")
+    monkeypatch.setattr(pipeline, "input_resolution", lambda checkpoint: None)  # the driver cannot read the config
+    without = run("decoded-by-workers")
+    good = [f"k{i}" for i in range(5)]
+    assert all(with_pixels[k]["pixels_seen"] for k in good) and not any(without[k]["pixels_seen"] for k in good)
+    assert [with_pixels[k]["answer"] for k in good] == [without[k]["answer"] for k in good]
+    assert all(isinstance(with_pixels[k]["answer"], str) and with_pixels[k]["error"] is None for k in good)
+    assert "could not be decoded" in with_pixels["bad"]["error"] and not with_pixels["bad"]["pixels_seen"]
+    assert PIXELS_COLUMN not in pq.read_table(str(tmp_path / "pixels")).column_names  # never output

@@ -1,12 +1,11 @@
-"""scheduler/pipeline.py stages without Ray: what the read stage skips, the output table, the write stage."""
+"""scheduler/pipeline.py stages without Ray: the output table, the write stage (what the read stage skips: test_scale.py)."""
 
-import numpy as np
 import pyarrow as pa
 
-from flashu_batch.jobs.ids import HASH, hash_ids
-from flashu_batch.jobs.output import T2I_SCHEMA, TaskOutput, read_output
+from flashu_batch.jobs.ids import read_key
+from flashu_batch.jobs.output import READ_KEY, T2I_SCHEMA, TaskOutput, read_output
 from flashu_batch.jobs.storage import Storage
-from flashu_batch.scheduler.pipeline import Skip, to_output_table, write_and_commit
+from flashu_batch.scheduler.pipeline import to_output_table, write_and_commit
 
 
 def t2i_rows(ids) -> pa.Table:
@@ -15,15 +14,6 @@ def t2i_rows(ids) -> pa.Table:
                      "image_path": [f"{i}.png" for i in ids], "width": [64] * n, "height": [64] * n,
                      "model": ["{}"] * n, "latency_s": [0.5] * n, "error": pa.array([None] * n, pa.string()),
                      "negative_prompt": pa.array([None] * n, pa.string()), "image_index": [0] * n})
-
-
-def test_skip_drops_committed_ids_and_later_rows_of_repeated_ids():
-    committed = np.sort(hash_ids(["b", "x"]))  # "x" is in another unit
-    skip = Skip(committed=committed, repeats=np.array([4, 6]), unit_starts=np.array([0, 3, 7]))
-    assert skip.keep(0, ["a", "b", "c"]).tolist() == [True, False, True]
-    assert skip.keep(1, ["d", "a", "e", "a"]).tolist() == [True, False, True, False]  # read positions 4 and 6
-    nothing = Skip(np.empty(0, HASH), np.empty(0, np.int64), np.array([0, 2]))
-    assert nothing.keep(0, ["a", "b"]).tolist() == [True, True]
 
 
 def test_output_table_has_the_documented_schema_and_image_struct():
@@ -45,7 +35,8 @@ def test_output_table_keeps_other_columns_as_they_came_after_the_documented_ones
 def test_write_stage_keeps_one_row_per_id(tmp_path):
     output = TaskOutput(Storage(), str(tmp_path))
     summary = write_and_commit(to_output_table(t2i_rows(["a", "b", "a"]), "t2i"), output, "run").to_pylist()
-    assert summary == [dict(file=summary[0]["file"], rows=2, errors=0, committed=True, this_run=True)]
+    assert summary == [dict(file=summary[0]["file"], rows=2, errors=0, committed=True, this_run=True,
+                            record=summary[0]["record"], units=[], unit_rows=[])]  # rows without read keys
     assert read_output(Storage(), str(tmp_path)).column("id").to_pylist() == ["a", "b"]
     assert write_and_commit(to_output_table(t2i_rows([])[:0], "t2i"), output, "run").num_rows == 0
 
@@ -59,3 +50,14 @@ def test_vqa_blocks_are_bucketed_by_question_length():
     out = bucket_by_question_length(table)
     assert out.column("id").to_pylist() == ["c", "d", "a", "b"]  # shortest first, the error row (no question) last
     assert out.num_rows == table.num_rows
+
+
+def test_write_stage_keeps_read_keys_in_the_record_and_counts_rows_per_unit(tmp_path):
+    output = TaskOutput(Storage(), str(tmp_path))
+    rows = to_output_table(t2i_rows(["a", "b", "c"]), "t2i")
+    keys = [read_key(0, 5), read_key(2, 0), read_key(0, 6)]
+    summary = write_and_commit(rows.append_column(READ_KEY, pa.array(keys, pa.int64())), output, "run").to_pylist()
+    assert summary[0]["units"] == [0, 2] and summary[0]["unit_rows"] == [2, 1] and summary[0]["record"]
+    record = output.commits()[0]
+    assert record["keys"] == keys and record["key"] == summary[0]["record"]
+    assert READ_KEY not in read_output(output.storage, output.root).column_names  # the file holds results only
