@@ -25,7 +25,7 @@ import re
 
 import pyarrow as pa
 
-from flashu_batch.jobs.output import SCHEMAS
+from flashu_batch.jobs.output import READ_KEY, SCHEMAS
 from flashu_batch.jobs.spec import T2I_COLUMNS, VQA_COLUMNS, InputSpec
 from flashu_batch.jobs.storage import Storage, is_s3, join
 from flashu_batch.workers.images import PIXELS_COLUMN
@@ -45,9 +45,9 @@ ROW_SCHEMAS = {
 }
 MAX_SEED = 2**63
 # Input columns a row never carries under their own name: the output's columns and the stages' (image_bytes, ...,
-# and the CPU stage's model-ready pixels)
-RESERVED_COLUMNS = frozenset({PIXELS_COLUMN, *(name for schema in (*SCHEMAS.values(), *ROW_SCHEMAS.values())
-                                               for name in schema.names)})
+# the CPU stage's model-ready pixels, and each row's read key)
+RESERVED_COLUMNS = frozenset({PIXELS_COLUMN, READ_KEY, *(name for schema in (*SCHEMAS.values(), *ROW_SCHEMAS.values())
+                                                         for name in schema.names)})
 MAX_TEXT_COLUMNS = 1000  # distinct JSON keys in one file when keep_columns is None: a carried column each
 
 

@@ -1,4 +1,5 @@
-"""scheduler/pipeline.py stages without Ray: the output table, the write stage (what the read stage skips: test_scale.py)."""
+"""scheduler/pipeline.py stages without Ray: the output table, the write stage (the read stage's skips:
+test_scale.py)."""
 
 import pyarrow as pa
 
