@@ -10,7 +10,10 @@ What is compiled (each piece where it is called, never with a decorator in the m
   and the full FFN width are one graph each: a whole FlashU plan compiles nothing after its first calls;
 - VQA decoding (`showo2.vqa.static_decode_step`) on a StaticDecodeKVCache: the batch padded to a power of two and
   the cache to a multiple of 64 slots, so every token of every batch in a bucket runs one graph; on CUDA under
-  mode="reduce-overhead" (CUDA graphs: the cache buffers are marked static, they never move).
+  mode="reduce-overhead" (CUDA graphs: the cache buffers are marked static, they never move);
+- the VQA image path (`Compiler.compile_image_path`): the VAE encoder and the semantic layers of
+  `Showo2.embed_image`, compiled in place because `showo2.vqa.prompt_embeddings` calls them from inside every
+  decode function. Batch shapes as for the T2I step: a second batch size makes the batch dimension dynamic.
 
 `model.compile` (jobs/spec.py) picks: "auto" compiles on CUDA (inductor) and not on CPU, "off" never, "on" also on
 CPU, where the backend is "eager" (dynamo's graphs and guards without code generation: it tests the compiled
@@ -24,6 +27,8 @@ import torch
 import torch._dynamo
 
 from flashu_batch.showo2.kv_cache import StaticDecodeKVCache
+from flashu_batch.showo2.modeling import Showo2
+from flashu_batch.showo2.vae import WanVAE
 from flashu_batch.showo2.vqa import StaticDecoder, static_decode_step
 
 # Graphs one compiled function may keep before dynamo gives up on it (and runs it eager): the FlashU layer has two
@@ -48,6 +53,17 @@ class Compiler:
             self._compiled[fn] = torch.compile(fn, backend=self.backend, mode=mode, fullgraph=True,
                                                dynamic=False if decode else None)  # decode: one graph per bucket
         return self._compiled[fn]
+
+    def compile_image_path(self, vae: WanVAE, model: Showo2) -> None:
+        """Compile, in place, what turns a VQA image into image tokens: the VAE encoder (`WanVAE.encode`'s convolutions)
+        and the SigLIP encoder layers and fusion projection of `Showo2.embed_image`; the two patch embeddings (one
+        conv each), the 1x1 `conv1` and the latent normalisation stay eager. `nn.Module.compile` keeps the modules
+        and their state-dict keys, and every caller of the two methods then runs them compiled: call it once, on the
+        worker's own model. No channels-last here: the VAE's convolutions slice their 5-D weights per call
+        (`FrameConv3d`), and inductor chooses channels-last for conv graphs itself (`layout_optimization`)."""
+        configure_dynamo()
+        for module in (vae.encoder, model.und_trans, model.fusion_proj):
+            module.compile(backend=self.backend, mode=self.mode, fullgraph=True)
 
     def static_decoder(self) -> StaticDecoder:
         """The VQA decoder of one worker: the compiled decode step, caches kept per shape with static buffers."""

@@ -69,13 +69,16 @@ class VQAWorker:
         self.settings = settings_json(model, str(self.pipe.device), self.specialist,
                                       max_new_tokens=self.params.max_new_tokens, layout=self.params.layout,
                                       **sampling)
-        compiled = self.specialist is None and self.compiler is not None
+        if self.compiler is not None:  # the VAE encoder and SigLIP layers, in place (showo2/compile.py), with or
+            #                            without a specialist; the warm-up compiles them (and the decode step)
+            self.compiler.compile_image_path(self.pipe.vae, self.pipe.model)
         self.compile_seconds = warm_up([partial(self.warm_up_batch, rows) for rows in sorted({1, batch_size or 1})]
-                                       ) if compiled else 0.0
+                                       ) if self.compiler is not None else 0.0
 
     def warm_up_batch(self, rows: int) -> None:
-        """Answer `rows` copies of a grey image and a short question: compiles the decode step for that batch's bucket
-        (showo2/vqa.py batch_bucket) and cache length, at load instead of in the first batches."""
+        """Answer `rows` copies of a grey image and a short question: compiles the image path for that batch size and
+        the decode step for its bucket (showo2/vqa.py batch_bucket) and cache length, at load instead of in the first
+        batches."""
         import numpy as np
 
         R = self.pipe.resolution

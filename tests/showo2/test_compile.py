@@ -134,6 +134,33 @@ def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
     assert graphs() == 2 and sorted(key[1] for key in decoder.caches) == [1, 8]
 
 
+def test_compiled_image_path_equals_eager(make_tiny_model, graphs):
+    """The VQA image path compiled in place (VAE encoder, SigLIP layers, fusion projection): latents and image tokens
+    within fp32 rounding of eager; one graph per module for one row, one more once a second batch size makes the
+    batch dimension dynamic, and nothing for later batches of either kind."""
+    from flashu_batch.showo2.vae import VAEConfig, WanVAE
+
+    model = make_tiny_model(seed=25)
+    torch.manual_seed(25)
+    vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
+    R = model.config.resolution
+    g = torch.Generator().manual_seed(25)
+    batches = [torch.rand(n, 3, R, R, generator=g) * 2 - 1 for n in (1, 3, 3, 2)]  # (B, 3, R, R) in [-1, 1]
+
+    def image_path(pixels):
+        with torch.no_grad():
+            latents = vae.encode(pixels)  # (B, C, h, w)
+            return latents, model.embed_image(latents)  # (B, N, H)
+
+    eager = [image_path(pixels) for pixels in batches]
+    assert graphs() == 0
+    Compiler(backend="aot_eager").compile_image_path(vae, model)
+    for i, (pixels, expected) in enumerate(zip(batches, eager)):
+        torch.testing.assert_close(image_path(pixels), expected, rtol=1e-5, atol=1e-5)
+        assert graphs() == (3 if i == 0 else 6), i
+    assert set(model.state_dict()) == set(make_tiny_model(seed=25).state_dict())  # in place: the same keys
+
+
 def test_compile_setting():
     assert compiler_for("off", "cpu") is None and compiler_for("off", "cuda") is None
     assert compiler_for("auto", "cpu") is None  # auto: CUDA only
@@ -174,23 +201,19 @@ def test_worker_compiles_at_load_only_when_asked(tmp_path_factory, graphs, setti
 @pytest.mark.parametrize("setting", ["off", "on"])
 def test_vqa_worker_compiles_decoding_at_load_only_when_asked(tmp_path_factory, graphs, setting):
     """model.compile 'on' (CPU: dynamo's eager backend): the worker decodes on a StaticDecoder whose step is compiled
-    at load for one row and for a full batch; the first batch then compiles nothing, and its answers are the eager
-    worker's."""
-    from batch_testkit import png_bytes, spec_dict, tiny_checkpoint
+    at load for one row and for a full batch, and so is its image path (VAE encoder, SigLIP layers); the first batch
+    then compiles nothing, and its answers are the eager worker's."""
+    from batch_testkit import build_worker, png_bytes, spec_dict, tiny_checkpoint
 
     from flashu_batch.jobs.spec import parse_spec
-    from flashu_batch.scheduler.pipeline import worker_kwargs
     from flashu_batch.workers import VQAWorker
 
     raw = spec_dict("job-v", tiny_checkpoint(str(tmp_path_factory.getbasetemp())), [dict(
         kind="vqa", input=dict(uris="in.parquet", format="parquet"), output="out", params=dict(max_new_tokens=6))])
     spec = parse_spec(raw)
-    task = spec.task("vqa")
 
     def build(compile_setting):
-        model = spec.model.model_copy(update=dict(compile=compile_setting))
-        return VQAWorker(**worker_kwargs(model, task.params, task.resources, spec.storage, spec.job_id),
-                         batch_size=task.resources.batch_size)
+        return build_worker(VQAWorker, spec, "vqa", compile=compile_setting)
 
     batch = {"id": np.array(["a", "b"], dtype=object), "question": np.array(["what color", "how many"], dtype=object),
              "image_bytes": np.array([png_bytes((255, 0, 0)), png_bytes((0, 90, 200), (25, 60))], dtype=object),
@@ -204,7 +227,9 @@ def test_vqa_worker_compiles_decoding_at_load_only_when_asked(tmp_path_factory, 
     if setting == "on":
         assert worker.compiler == Compiler(backend="eager") and worker.compile_seconds > 0
         assert isinstance(worker.decode_fn.keywords["static"], StaticDecoder)
-        assert at_load == 2, "one decode graph per warmed-up bucket (1 row, 2 rows)"
+        # one decode graph per warmed-up bucket (1 row, 2 rows); the image path's three modules for one row, then
+        # for a dynamic batch dimension
+        assert at_load == 2 + 3 * 2, dict(counters["stats"])
         assert graphs() == at_load, "the first batch after the warm-up recompiled"
         eager = build("off")
         assert worker(batch).to_pydict()["answer"] == out["answer"] == eager(batch).to_pydict()["answer"]

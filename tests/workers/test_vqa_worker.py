@@ -91,6 +91,32 @@ def test_workers_run_their_specialists(checkpoint, artifacts):
     assert json.loads(out["model"][0])["flashu"]["calibration_samples"] == 2
 
 
+def test_a_specialist_worker_compiles_its_image_path_at_load(checkpoint, artifacts):
+    """model.compile 'on' with a FlashU VQA specialist: its decoding stays eager (per-layer caches of different
+    lengths), the image path (VAE encoder, SigLIP layers) is compiled at load for one row and a full batch; the first
+    batch compiles nothing and answers as the eager specialist."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    raw = spec_dict("job-c", checkpoint, [dict(kind="vqa", input=dict(uris="in.parquet", format="parquet"),
+                                               output="out", params=dict(max_new_tokens=4))])
+    raw["model"]["specialization"] = dict(vqa=str(artifacts / "vqa"))
+    spec = parse_spec(raw)
+
+    def build(setting):
+        return build_worker(VQAWorker, spec, "vqa", compile=setting)
+
+    rows = batch(["a", "b"], ["what color", "what shape"], [png_bytes(), png_bytes((0, 0, 255), (50, 30))])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = build("on")
+    at_load = counters["stats"]["unique_graphs"]
+    out = run(compiled, rows)
+    assert at_load == 3 * 2 and counters["stats"]["unique_graphs"] == at_load and compiled.compile_seconds > 0
+    assert out["answer"] == run(build("off"), rows)["answer"] and out["error"] == [None, None]
+    torch._dynamo.reset()
+
+
 def test_specialize_on_start_calibrates_in_the_worker(checkpoint):
     """`specialization: on_start`: no artifact; each worker calibrates at load, deterministically."""
     raw = spec_dict("job-o", checkpoint, [dict(kind="t2i", input=dict(uris="in.jsonl", format="jsonl"),
