@@ -216,6 +216,17 @@ class TaskOutput:
         except FileNotFoundError:
             return None
 
+    def current_manifest(self) -> dict | None:
+        """The manifest when nothing was committed or staged since the finalize that wrote it (its files are all the
+        commit records there are), else None. Listings only: no record is read."""
+        manifest = self.manifest()
+        if manifest is None:
+            return None
+        records = [f for f in self.storage.list(join(self.root, COMMITS)) if f["uri"].endswith(".json")]
+        if len(records) != len(manifest["files"]) or self.storage.list(join(self.root, STAGING)):
+            return None
+        return manifest
+
     def finalize(self, job_id: str, task_name: str, kind: str, metrics: dict, images_per_id: int = 1) -> dict:
         """Deduplicate the commits by id, write `_SUCCESS` (the manifest) and `metrics.json`, remove superseded
         and orphaned files, all in this process (the driver runs the same steps with the claims spread over Ray

@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 
 from flashu_batch.jobs.ids import key_ordinal, key_unit
 from flashu_batch.jobs.lease import JobLease, JobLeased
-from flashu_batch.jobs.output import COMMITS, STAGING, TaskOutput, task_root
+from flashu_batch.jobs.output import TaskOutput, task_root
 from flashu_batch.jobs.settings import fix_settings
 from flashu_batch.jobs.spec import JobSpec
-from flashu_batch.jobs.storage import Storage, join
+from flashu_batch.jobs.storage import Storage
 from flashu_batch.scheduler.bookkeeping import (REPEAT_EXAMPLES, Index, UnitTracker, final_pass, forget_units,
                                                 index_input, record_units)
 from flashu_batch.scheduler.pipeline import (MAX_INLINE_BYTES, READ_CPUS, TASK_OOM_RETRIES, build_task_pipeline,
@@ -256,11 +256,8 @@ def finished_summary(output: TaskOutput, metrics: dict) -> dict | None:
     """The summary of a task that an earlier run finished and finalized, when nothing was committed since (its
     records and data files are the manifest's): the re-run writes nothing. None otherwise, and also when the last
     run changed settings (metrics.json then says so; this run, which changes none, finalizes again to say it)."""
-    manifest, before = output.manifest(), output.metrics()
+    manifest, before = output.current_manifest(), output.metrics()
     if manifest is None or before is None or before.get("settings_changed"):
-        return None
-    records = [f for f in output.storage.list(join(output.root, COMMITS)) if f["uri"].endswith(".json")]
-    if len(records) != len(manifest["files"]) or output.storage.list(join(output.root, STAGING)):
         return None
     this_run = ("rows_this_run", "errors_this_run", "skipped", "retried_errors", "seconds", "rows_per_s", "run_id",
                 "limit", "repeated_ids", "input_rows")
