@@ -34,7 +34,7 @@ from flashu_batch.jobs.output import (COMMITS, UNITS, TaskOutput, claim_ranks, c
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler.pipeline import (READ_CPUS, RETRIED_STORAGE_ERRORS, STORAGE_MAX_RETRIES,
                                              TASK_MAX_RETRIES)
-from flashu_batch.scheduler.read import InputError, unit_row_ids
+from flashu_batch.scheduler.read import COMPRESSIONS, InputError, unit_row_ids
 
 # How the work is cut. The driver owns every object the tasks return, and its Ray keeps a few KiB for each (the data
 # itself is in the object store: pipeline.MAX_INLINE_BYTES), so the counts of tasks and objects grow with the
@@ -47,7 +47,10 @@ MIN_TASKS, MAX_TASKS = 8, 256
 RECORDS_PER_SCAN = 200  # commit records per scan task, at least (a task per record would cost more than its work)
 # Groups of read units in the skip set, one per partition: a read task fetches its group's drops from each partition,
 # about 9 bytes x PARTITION_ROWS in all (the drops of 1/partitions of the input)
-TEXT_UNIT_ROWS = 1 << 20  # a JSONL / CSV file's rows, guessed before it is read (Parquet footers say theirs)
+# A JSONL / CSV file's rows, guessed before it is read from its size (Parquet footers say theirs): bytes per row on
+# the low side (a short prompt line; a compressed one, .gz / .zst, much less), since a guess too high only makes more
+# partitions and one too low makes partition tasks too big
+TEXT_ROW_BYTES, COMPRESSED_ROW_BYTES = 32, 8
 REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
 
 
@@ -240,8 +243,15 @@ def rows_inside(limit_key: int, unit: int, rows: int) -> int:
 
 
 def partition_count(units: list[dict], unread: np.ndarray) -> int:
-    rows = sum(u["rows"] if u["rows"] is not None else TEXT_UNIT_ROWS for u, skip in zip(units, unread) if not skip)
+    rows = sum(unit_rows_guess(u) for u, skip in zip(units, unread) if not skip)
     return int(min(MAX_PARTITIONS, max(1, -(-rows // PARTITION_ROWS))))
+
+
+def unit_rows_guess(unit: dict) -> int:
+    if unit["rows"] is not None:
+        return unit["rows"]
+    compressed = unit["uri"].endswith(tuple(COMPRESSIONS))
+    return (unit["size"] or 0) // (COMPRESSED_ROW_BYTES if compressed else TEXT_ROW_BYTES) + 1
 
 
 def task_count(items: int, partitions: int, per_task: int = 1) -> int:
