@@ -439,7 +439,8 @@ class UnitTracker:
         for unit, count in zip(units, counts):
             self.committed[unit] += count
             self.records.setdefault(unit, []).append(self.output.record_uri(record))
-            if self.index.todo[unit] and self.committed[unit] >= self.index.todo[unit] * self.per_id:
+            inside = key_unit(self.index.limit_key) > unit  # a unit cut by `run --limit` is never recorded complete
+            if inside and self.index.todo[unit] and self.committed[unit] >= self.index.todo[unit] * self.per_id:
                 uris = self.records.pop(unit)
                 self.pending.append(remote(verify_unit).remote(
                     unit, self.index.units[unit], int(self.index.rows[unit]), bool(self.index.dense[unit]),
