@@ -2,30 +2,18 @@
 
 import torch
 
+from vqa_testkit import TOKENS, random_prompts
 from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu_batch.flashu.ffn_prune import kept_widths
 from flashu_batch.flashu.generation import calibrate_generation
 from flashu_batch.flashu.understanding import (UnderstandingSpecialist, calibrate_understanding, kept_token_indices,
                                   specialize_understanding)
-from flashu_batch.showo2.layouts import Sequences, vqa_sequence
-from flashu_batch.showo2.tokenizer import SpecialTokens
+from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.vqa import greedy_answers
-
-TOKENS = SpecialTokens.from_layout(1000)
-TEXT_A = [TOKENS.bos] + list(range(5, 18))
-ROLE_B = [20, TOKENS.bos, 21, 20]
 
 
 def deep(make_tiny_model, seed=0):
     return make_tiny_model(seed=seed, llm_overrides={"num_hidden_layers": 8, "intermediate_size": 256})
-
-
-def batch(model, question_lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = [vqa_sequence(torch.randint(0, 1000, (n,), generator=g).tolist(), TEXT_A, ROLE_B, TOKENS,
-                         model.config.num_image_slots) for n in question_lengths]
-    latents = torch.randn(len(rows), model.config.image_latent_dim, *model.config.latent_size, generator=g)
-    return rows, latents
 
 
 def specialist(model, **knobs):
@@ -41,7 +29,7 @@ def answers(spec, rows, latents, n=6, **kw):
 
 def test_everything_off_equals_the_baseline_exactly(make_tiny_model):
     model = deep(make_tiny_model)
-    rows, latents = batch(model, [3, 12, 7])
+    rows, latents = random_prompts(model, [3, 12, 7])
     spec = specialist(model, ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.0)
     ids, logits = answers(spec, rows, latents, return_logits=True)
     base_ids, base_logits = greedy_answers(model, rows, latents, max_new_tokens=6, eos_id=-1, pad_id=TOKENS.pad,
@@ -66,7 +54,7 @@ def test_kept_tokens_drop_the_largest_value_norms_of_image_tokens_only():
 
 def test_prefill_prunes_tokens_keeps_positions_and_gathers_the_mask(make_tiny_model, monkeypatch):
     model = deep(make_tiny_model)
-    rows, latents = batch(model, [2, 9], seed=2)
+    rows, latents = random_prompts(model, [2, 9], seed=2)
     spec = specialist(model, ffn_prune_ratio=0.0, token_prune_ratio=0.5, token_prune_layer=3)
     seen = {}
     layers = model.showo.model.layers
@@ -97,7 +85,7 @@ def test_prefill_prunes_tokens_keeps_positions_and_gathers_the_mask(make_tiny_mo
 
 def test_rows_keep_different_tokens(make_tiny_model):
     model = deep(make_tiny_model)
-    rows, latents = batch(model, [5, 5], seed=3)
+    rows, latents = random_prompts(model, [5, 5], seed=3)
     spec = specialist(model, ffn_prune_ratio=0.0, token_prune_ratio=0.5)
     captured = []
     layer = model.showo.model.layers[2]
@@ -110,7 +98,7 @@ def test_rows_keep_different_tokens(make_tiny_model):
 
 def test_cached_decode_with_pruning_equals_recompute_with_the_same_pruning(make_tiny_model):
     model = deep(make_tiny_model, seed=4)
-    rows, latents = batch(model, [4, 11], seed=4)
+    rows, latents = random_prompts(model, [4, 11], seed=4)
     spec = specialist(model, ffn_prune_ratio=0.2, token_prune_ratio=0.5)
     cached = answers(spec, rows, latents, n=5)
     for b, row in enumerate(rows):
@@ -126,7 +114,7 @@ def test_cached_decode_with_pruning_equals_recompute_with_the_same_pruning(make_
 
 def test_mixed_length_batch_equals_rows_alone(make_tiny_model):
     model = deep(make_tiny_model, seed=5)
-    rows, latents = batch(model, [1, 14, 6], seed=5)
+    rows, latents = random_prompts(model, [1, 14, 6], seed=5)
     spec = specialist(model, token_prune_ratio=0.75)
     together = answers(spec, rows, latents, n=6)
     assert together == [answers(spec, [row], latents[i:i + 1], n=6)[0] for i, row in enumerate(rows)]
@@ -137,7 +125,7 @@ def test_mixed_length_batch_equals_rows_alone(make_tiny_model):
 
 def test_skipped_layers_still_write_their_cache(make_tiny_model, monkeypatch):
     model = deep(make_tiny_model, seed=6)
-    rows, latents = batch(model, [3, 8], seed=6)
+    rows, latents = random_prompts(model, [3, 8], seed=6)
     spec = specialist(model, ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.25,
                       layer_skip_interval=3)
     calls = {i: 0 for i in range(8)}
@@ -164,7 +152,7 @@ def test_skipped_layers_still_write_their_cache(make_tiny_model, monkeypatch):
 
 def test_understanding_calibration_is_its_own(make_tiny_model):
     model = deep(make_tiny_model, seed=7)
-    rows, latents = batch(model, [4, 9, 2], seed=7)
+    rows, latents = random_prompts(model, [4, 9, 2], seed=7)
     und = calibrate_understanding(model, rows, latents, TOKENS.pad)
     gen = calibrate_generation(model, [[5] * 6, [9] * 3], TOKENS,
                                FlashUGenerationConfig(calibration_steps=3),
@@ -177,7 +165,7 @@ def test_understanding_calibration_is_its_own(make_tiny_model):
 
 def test_token_pruning_keeps_at_least_the_floor(make_tiny_model):
     model = deep(make_tiny_model, seed=8)  # 16 image tokens
-    rows, latents = batch(model, [5, 9], seed=8)
+    rows, latents = random_prompts(model, [5, 9], seed=8)
     assert specialist(model, token_prune_ratio=0.75).pruned_token_count() == 12
     assert specialist(model, token_prune_ratio=0.75, token_prune_min_kept=10).pruned_token_count() == 6
     floored = FlashUUnderstandingConfig(ffn_prune_ratio=0.0)  # defaults: rho 0.75, at least 64 tokens kept
@@ -198,7 +186,7 @@ def test_one_host_read_per_generated_token(make_tiny_model, count_host_reads, mo
     and no layer scoring; with token pruning on, the key masks are built once per batch (one per key layout:
     before and after pruning), not per step."""
     model = deep(make_tiny_model, seed=9)
-    rows, latents = batch(model, [3, 8], seed=9)
+    rows, latents = random_prompts(model, [3, 8], seed=9)
     spec = specialist(model, ffn_prune_ratio=0.25, token_prune_ratio=0.5)
     import flashu_batch.flashu.understanding as understanding
     calls = {"importance": 0, "masks": 0}

@@ -10,17 +10,14 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from vqa_testkit import TOKENS, random_prompts
 from flashu_batch.flashu.config import FlashUGenerationConfig
 from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
 from flashu_batch.showo2.compile import Compiler, compiler_for
-from flashu_batch.showo2.layouts import t2i_sequences, vqa_sequence
+from flashu_batch.showo2.layouts import t2i_sequences
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 from flashu_batch.showo2.t2i import generate_latents, seeded_noise
-from flashu_batch.showo2.tokenizer import SpecialTokens
 from flashu_batch.showo2.vqa import StaticDecoder, greedy_answers
-
-TOKENS = SpecialTokens.from_layout(1000)
-TEXT_A, ROLE_B = [TOKENS.bos, 5, 6, 7, 8], [20, TOKENS.bos, 21, 20]
 
 
 @pytest.fixture
@@ -95,17 +92,9 @@ def test_no_recompilation_across_a_whole_flashu_plan(make_tiny_model, graphs, mo
     torch.testing.assert_close(second, generate(1, None), rtol=1e-5, atol=1e-5)
 
 
-def vqa_rows(model, question_lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = [vqa_sequence(torch.randint(0, 1000, (n,), generator=g).tolist(), TEXT_A, ROLE_B, TOKENS,
-                         model.config.num_image_slots) for n in question_lengths]
-    latents = torch.randn(len(rows), model.config.image_latent_dim, *model.config.latent_size, generator=g)
-    return rows, latents
-
-
 def test_static_cache_decoding_gives_the_same_tokens(make_tiny_model):
     model = make_tiny_model(seed=23)
-    rows, latents = vqa_rows(model, [3, 17, 1, 9, 25])  # 5 rows: padded to the bucket of 8
+    rows, latents = random_prompts(model, [3, 17, 1, 9, 25])  # 5 rows: padded to the bucket of 8
     kwargs = dict(max_new_tokens=10, eos_id=-1, pad_id=TOKENS.pad, return_logits=True)
     answers, logits = greedy_answers(model, rows, latents, **kwargs)
     static = StaticDecoder()
@@ -123,7 +112,7 @@ def test_static_cache_decoding_gives_the_same_tokens(make_tiny_model):
 def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
     model = make_tiny_model(seed=24)
     decoder = Compiler(backend="eager").static_decoder()
-    rows, latents = vqa_rows(model, [3, 17, 1, 9, 25, 4, 12, 6])  # the longest first: one prompt length
+    rows, latents = random_prompts(model, [3, 17, 1, 9, 25, 4, 12, 6])  # the longest first: one prompt length
     kwargs = dict(max_new_tokens=8, eos_id=-1, pad_id=TOKENS.pad)
     for n in (5, 7, 8):  # one bucket (8 rows), one cache length: one graph for every token of every batch
         compiled = greedy_answers(model, rows[:n], latents[:n], static=decoder, **kwargs)

@@ -4,25 +4,12 @@ is greedy decoding exactly as before."""
 
 import torch
 
-from flashu_batch.showo2.layouts import vqa_sequence
-from flashu_batch.showo2.tokenizer import SpecialTokens
+from vqa_testkit import TOKENS, random_prompts
 from flashu_batch.showo2.vqa import NucleusSampler, greedy_answers
-
-TOKENS = SpecialTokens.from_layout(1000)
-TEXT_A = [TOKENS.bos] + list(range(5, 18))
-ROLE_B = [20, TOKENS.bos, 21, 20]
 
 
 def sampler(seeds, temperature=1.0, top_p=1.0):
     return NucleusSampler(temperature, top_p, [torch.Generator().manual_seed(s) for s in seeds])
-
-
-def prompts(model, question_lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = [vqa_sequence(torch.randint(0, 1000, (n,), generator=g).tolist(), TEXT_A, ROLE_B, TOKENS,
-                         model.config.num_image_slots) for n in question_lengths]
-    latents = torch.randn(len(rows), model.config.image_latent_dim, *model.config.latent_size, generator=g)
-    return rows, latents
 
 
 def decode(model, rows, latents, **kw):
@@ -54,7 +41,7 @@ def test_a_tiny_nucleus_is_argmax_and_rows_draw_independently():
 
 def test_sampled_answers_do_not_depend_on_the_batch(make_tiny_model):
     model = make_tiny_model(seed=1)
-    rows, latents = prompts(model, [3, 12, 7])
+    rows, latents = random_prompts(model, [3, 12, 7])
     together = decode(model, rows, latents, sampler=sampler([10, 11, 12], temperature=1.5))
     assert together != decode(model, rows, latents)  # it does sample (a random tiny model: far from greedy)
     for i, seed in enumerate([10, 11, 12]):
@@ -67,7 +54,7 @@ def test_sampled_answers_do_not_depend_on_the_batch(make_tiny_model):
 
 def test_a_one_token_nucleus_decodes_exactly_greedy(make_tiny_model):
     model = make_tiny_model(seed=2)
-    rows, latents = prompts(model, [4, 9], seed=1)
+    rows, latents = random_prompts(model, [4, 9], seed=1)
     greedy, greedy_logits = decode(model, rows, latents, return_logits=True)
     sampled, sampled_logits = decode(model, rows, latents, return_logits=True,
                                      sampler=sampler([1, 2], temperature=0.7, top_p=1e-9))
@@ -81,7 +68,7 @@ def test_the_flashu_specialist_samples_like_the_baseline_when_everything_is_off(
     from flashu_batch.flashu.understanding import UnderstandingSpecialist
 
     model = make_tiny_model(seed=4, llm_overrides={"num_hidden_layers": 4, "intermediate_size": 128})
-    rows, latents = prompts(model, [3, 10], seed=2)
+    rows, latents = random_prompts(model, [3, 10], seed=2)
     config = FlashUUnderstandingConfig(ffn_prune_ratio=0.0, token_prune_ratio=0.0, layer_skip_ratio=0.0,
                                        token_prune_min_kept=0)
     specialist = UnderstandingSpecialist(model, kept_widths(model, 0.0, config.ffn_width_multiple), config)
