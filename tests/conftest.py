@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", os.path.join(__import__("tempfile").mkdtemp(prefix="flashu-test-hf-"), "hf"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/jobs/batch_testkit.py (a tiny checkpoint, the S3 server, job specs, workers) is imported by tests of every folder
+sys.path.insert(0, os.path.join(REPO, "tests", "jobs"))
+from batch_testkit import s3_server, stop_s3_server, tiny_checkpoint  # noqa: E402
 # The public golden set (the official code's reference vectors, tiny-a), kept in the repository so every parity test
 # runs in a fresh clone. FLASHU_GOLDEN points the tests at another golden folder of the same layout.
 GOLDEN = os.environ.get("FLASHU_GOLDEN") or os.path.join(REPO, "tests", "golden", "tiny-a")
@@ -106,3 +110,17 @@ def count_host_reads(monkeypatch):
             fn()
         return calls[0]
     return count
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server process (moto_server) for the whole session; its fake credentials are in the environment."""
+    url = s3_server()
+    yield url
+    stop_s3_server()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """The tiny-shapes checkpoint folder the job, worker and benchmark tests run (batch_testkit.tiny_checkpoint)."""
+    return tiny_checkpoint(str(tmp_path_factory.getbasetemp()))

@@ -1,20 +1,7 @@
 """The application's tests: a real S3 server process (moto_server) and a local Ray per test module (tests/scheduler
 keeps one for the whole session; a session one here would outlive these modules and make that one fail to start)."""
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-from batch_testkit import s3_server, stop_s3_server  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    url = s3_server()
-    yield url
-    stop_s3_server()
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,8 @@
-"""Real local Ray, started once per test session, and a real S3 server process (moto_server)."""
+"""Real local Ray, started once per test session (after the S3 server of tests/conftest.py s3_endpoint)."""
 
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-from batch_testkit import s3_server, stop_s3_server, tiny_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    url = s3_server()
-    yield url
-    stop_s3_server()
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +18,3 @@ def ray_session(s3_endpoint, tmp_path_factory):
     DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return tiny_checkpoint(str(tmp_path_factory.getbasetemp()))

@@ -1,9 +1,6 @@
 """Compiled steps (showo2/compile.py) against the eager ones, on CPU with dynamo's fast backends: equal results, and
 no recompilation across a whole FlashU plan, across the tokens of an answer or across batch sizes of one bucket."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -159,7 +156,6 @@ def test_compile_setting():
 
 # ---- the worker: compiled and warmed up at load, or not at all ------------------------------------------------
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
 
 
 @pytest.mark.parametrize("setting", ["off", "auto", "on"])

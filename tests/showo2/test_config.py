@@ -258,13 +258,10 @@ def test_llm_query_heads_must_be_a_multiple_of_the_key_value_heads():
 
 
 def test_input_resolution_reads_a_local_folder_or_the_hub_cache_and_nothing_else(tmp_path, monkeypatch):
-    import sys
-
     import huggingface_hub.constants
 
     from flashu_batch.showo2.config import input_resolution
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
     from batch_testkit import hub_cache
 
     official = tmp_path / "official"
