@@ -187,12 +187,16 @@ class TaskOutput:
     def iter_commits(self, slice_bytes: int = 8 << 20):
         """The commit records one at a time, read about `slice_bytes` of them at once: all of them together hold
         every id of the task, gigabytes as Python strings at millions of rows."""
-        listing = [f for f in self.storage.list(join(self.root, COMMITS)) if f["uri"].endswith(".json")]
-        for part in _slices(listing, slice_bytes):
-            for f, data in zip(part, self.storage.read_many([f["uri"] for f in part])):
-                record = json.loads(data)
-                record["key"] = f["uri"].rsplit("/", 1)[-1][: -len(".json")]
-                yield record
+        for part in _slices(self.record_listing(), slice_bytes):
+            yield from self.read_records([f["uri"] for f in part])
+
+    def record_listing(self) -> list[dict]:
+        """The commit records' listing entries ({"uri", "size", "mtime"}); no record is read."""
+        return [f for f in self.storage.list(join(self.root, COMMITS)) if f["uri"].endswith(".json")]
+
+    def read_records(self, uris: list[str]) -> list[dict]:
+        """The commit records at `uris`, each with its own "key" (its name)."""
+        return [dict(json.loads(data), key=json_name(uri)) for uri, data in zip(uris, self.storage.read_many(uris))]
 
     def committed_ids(self) -> set[str]:
         return {i for record in self.commits() for i in record["ids"]}
@@ -222,8 +226,7 @@ class TaskOutput:
         manifest = self.manifest()
         if manifest is None:
             return None
-        records = [f for f in self.storage.list(join(self.root, COMMITS)) if f["uri"].endswith(".json")]
-        if len(records) != len(manifest["files"]) or self.storage.list(join(self.root, STAGING)):
+        if len(self.record_listing()) != len(manifest["files"]) or self.storage.list(join(self.root, STAGING)):
             return None
         return manifest
 
@@ -344,6 +347,11 @@ class TaskOutput:
         self.storage.create(self.record_uri(key), json.dumps(new).encode())
         self.publish(rel)
         return record_meta(dict(new, key=key), -1)
+
+
+def json_name(uri: str) -> str:
+    """The name of a `<name>.json` object (a commit record's key, a unit record's id)."""
+    return uri.rsplit("/", 1)[-1][: -len(".json")]
 
 
 def record_meta(record: dict, index: int) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from flashu_batch.jobs.ids import (COMMIT_ROW, INPUT_ROW, NO_KEY, claim_losers, hash_ids,
                                    index_partition, key_ordinal, key_unit, read_key, split_by_partition)
-from flashu_batch.jobs.output import (COMMITS, UNITS, TaskOutput, claim_ranks, commit_rows, image_sources,
+from flashu_batch.jobs.output import (UNITS, TaskOutput, claim_ranks, commit_rows, image_sources, json_name,
                                       record_meta)
 from flashu_batch.jobs.storage import Storage, join
 from flashu_batch.scheduler.pipeline import (READ_CPUS, RETRIED_STORAGE_ERRORS, STORAGE_MAX_RETRIES,
@@ -45,13 +45,12 @@ MAX_PARTITIONS = 128
 TASKS_PER_PARTITION = 2  # read tasks (and scan tasks) per partition, at least MIN_TASKS and at most MAX_TASKS
 MIN_TASKS, MAX_TASKS = 8, 256
 RECORDS_PER_SCAN = 200  # commit records per scan task, at least (a task per record would cost more than its work)
-# Groups of read units in the skip set, one per partition: a read task fetches its group's drops from each partition,
-# about 9 bytes x PARTITION_ROWS in all (the drops of 1/partitions of the input)
 # A JSONL / CSV file's rows, guessed before it is read from its size (Parquet footers say theirs): bytes per row on
 # the low side (a short prompt line; a compressed one, .gz / .zst, much less), since a guess too high only makes more
 # partitions and one too low makes partition tasks too big
 TEXT_ROW_BYTES, COMPRESSED_ROW_BYTES = 32, 8
 REPEAT_EXAMPLES = 5  # repeated ids named in metrics.json and the summary (the count covers all of them)
+DROP = np.dtype([("key", np.int64), ("repeat", np.bool_)])  # a row the read stage drops: committed, or a repeat
 
 
 # ---- Ray tasks --------------------------------------------------------------------------------------------------
@@ -96,8 +95,7 @@ def scan_commits(uris: list[str], first_index: int, output: TaskOutput, images_p
     first_index), then one COMMIT_ROW array per partition]."""
     start = time.perf_counter()
     metas, parts = [], []
-    for k, (uri, data) in enumerate(zip(uris, with_storage_retries(output.storage.read_many, uris))):
-        record = dict(json.loads(data), key=uri.rsplit("/", 1)[-1][: -len(".json")])
+    for k, record in enumerate(with_storage_retries(output.read_records, uris)):
         parts.append(commit_rows(record, first_index + k, images_per_id, output.error_ids(record)))
         metas.append(record_meta(record, first_index + k))
     parts = split_by_partition(np.concatenate([np.empty(0, COMMIT_ROW)] + parts), partitions)
@@ -109,7 +107,7 @@ def partition_pass(n_inputs: int, images_per_id: int, succeeded_only: bool, unre
                    standing: np.ndarray | None, *parts) -> list:
     """Partition task: its input rows (the first n_inputs parts) and committed rows (the rest) -> [summary, then
     (when unit_group is given) one drop array per group of read units: (key, repeat) sorted by key]. The summary:
-    index_partition's counts and examples, per-unit counts ("todo", "repeats": (units,) int64), the first few keys
+    index_partition's counts and examples, per-unit counts ("todo", "unit_repeats": (units,) int64), the first few keys
     still to do, and (when rank is given: finalize) the committed rows that lose their id's claim."""
     start = time.perf_counter()
     rows = np.concatenate([np.empty(0, INPUT_ROW)] + list(parts[:n_inputs]))
@@ -127,7 +125,7 @@ def partition_pass(n_inputs: int, images_per_id: int, succeeded_only: bool, unre
     summary["seconds"] = time.perf_counter() - start
     if unit_group is None:
         return [summary]
-    drops = np.empty(len(found["drop_keys"]), [("key", np.int64), ("repeat", np.bool_)])
+    drops = np.empty(len(found["drop_keys"]), DROP)
     drops["key"], drops["repeat"] = found["drop_keys"], found["drop_repeat"]
     group = unit_group[key_unit(drops["key"])]
     bounds = np.searchsorted(group, np.arange(groups + 1))  # drop keys are sorted, and so are units' groups
@@ -192,7 +190,7 @@ class Skip:
 
         refs = self.parts.get(int(self.unit_group[unit]), []) if unit < len(self.unit_group) else []
         found = [d[key_unit(d["key"]) == unit] for d in ray.get(refs)] if refs else []
-        drops = np.concatenate([np.empty(0, [("key", np.int64), ("repeat", np.bool_)])] + found)
+        drops = np.concatenate([np.empty(0, DROP)] + found)
         return drops[np.argsort(drops["key"])]
 
     def rows_in(self, unit: int, rows: int) -> int:
@@ -228,6 +226,11 @@ class Index:
     input_parts: list = field(default_factory=list)  # [partition][ObjectRef]: the units' INPUT_ROWs, kept for the check
     task_seconds: dict = field(default_factory=dict)  # seconds the Ray tasks of each step ran, summed (cluster time)
     skip: object = None       # ObjectRef of a Skip, or None when the read stage drops nothing
+
+    def recordable(self, unit: int) -> bool:
+        """Whether read unit `unit` can get a completion record from this run: read by it, and wholly inside the
+        limit (`run --limit` never records the unit it cuts)."""
+        return not self.unread[unit] and key_unit(self.limit_key) > unit
 
     @property
     def input_rows(self) -> int:
@@ -274,7 +277,7 @@ def remote(fn, returns: int = 1):
 
 def completed_units(output: TaskOutput, units: list[dict]) -> dict[int, dict]:
     """{unit index: its completion record} of the planned units an earlier run recorded complete."""
-    listed = {f["uri"].rsplit("/", 1)[-1][: -len(".json")]: f["uri"]
+    listed = {json_name(f["uri"]): f["uri"]
               for f in output.storage.list(join(output.root, UNITS)) if f["uri"].endswith(".json")}
     wanted = {i: listed[unit_id(u)] for i, u in enumerate(units) if unit_id(u) in listed}
     found = output.storage.read_many(list(wanted.values()))
@@ -284,7 +287,7 @@ def completed_units(output: TaskOutput, units: list[dict]) -> dict[int, dict]:
 def scan(output: TaskOutput, images_per_id: int, partitions: int) -> tuple[list, int]:
     """Every commit record, scanned by Ray tasks -> (refs per scan task: [{"seconds"}, metas, part per partition],
     how many records were listed)."""
-    listing = [f["uri"] for f in output.storage.list(join(output.root, COMMITS)) if f["uri"].endswith(".json")]
+    listing = [f["uri"] for f in output.record_listing()]
     refs, at = [], 0
     for part in chunks(listing, task_count(len(listing), partitions, RECORDS_PER_SCAN)):
         refs.append(remote(scan_commits, 2 + partitions).remote(part, at, output, images_per_id, partitions))
@@ -321,6 +324,8 @@ def index_input(units: list[dict], task, storage: Storage, output: TaskOutput, *
         raise InputError(f"task {task.task_name!r}: {problems[min(problems)]}{more}")
     limit_key = cut_key(rows, limit)
 
+    # Groups of read units in the skip set, one per partition: a read task fetches its group's drops from each
+    # partition, about 9 bytes x PARTITION_ROWS in all (the drops of 1/partitions of the input)
     groups = max(1, min(partitions, len(units)))
     unit_group = np.arange(len(units), dtype=np.int64) * groups // max(1, len(units))
     passes = [remote(partition_pass, 1 + groups).remote(
@@ -329,6 +334,7 @@ def index_input(units: list[dict], task, storage: Storage, output: TaskOutput, *
     summaries = ray.get([refs[0] for refs in passes])
     firsts_before = sum(r["rows"] - r["repeats"] for r in done_before.values())  # ids of the units not read
     index = Index(units=units, unread=unread, rows=rows, dense=dense, limit_key=limit_key, examples=[],
+                  before=done_before,
                   todo=sum(s["todo"] for s in summaries), unit_repeats=sum(s["unit_repeats"] for s in summaries),
                   distinct=sum(s["distinct"] for s in summaries) + firsts_before,
                   done=sum(s["done"] for s in summaries) + firsts_before,
@@ -343,10 +349,8 @@ def index_input(units: list[dict], task, storage: Storage, output: TaskOutput, *
         index.skip = ray.put(Skip(unit_group, {g: [refs[1 + g] for refs in passes] for g in range(groups)},
                                   limit_key))
     # Units complete already (every row committed or a repeat): recorded once the report is made (record_units)
-    index.before = done_before
     if not retry_errors:
-        index.complete = [i for i in range(len(units)) if not unread[i] and index.todo[i] == 0 and
-                          key_unit(limit_key) > i]
+        index.complete = [i for i in range(len(units)) if index.recordable(i) and index.todo[i] == 0]
     return index
 
 
@@ -406,8 +410,7 @@ def final_pass(index: Index, output: TaskOutput, images_per_id: int,
     summaries = [found[0] for found in ray.get(passes)]
     losers = np.concatenate([np.empty(0, COMMIT_ROW)] + [s["losers"] for s in summaries])
     lacking = sum(s["todo"] for s in summaries)
-    record_units(index, output, [i for i in range(len(index.units))
-                                 if not index.unread[i] and lacking[i] == 0 and key_unit(index.limit_key) > i], report)
+    record_units(index, output, [i for i in range(len(index.units)) if index.recordable(i) and lacking[i] == 0], report)
     check = dict(lacking=int(lacking.sum()), examples=sorted(k for s in summaries for k in s["todo_examples"])[:3],
                  task_seconds=dict(scan=sum(m["seconds"] for m in ray.get([refs[0] for refs in scan_refs])),
                                    partition=sum(s["seconds"] for s in summaries)))
@@ -439,8 +442,8 @@ class UnitTracker:
         for unit, count in zip(units, counts):
             self.committed[unit] += count
             self.records.setdefault(unit, []).append(self.output.record_uri(record))
-            inside = key_unit(self.index.limit_key) > unit  # a unit cut by `run --limit` is never recorded complete
-            if inside and self.index.todo[unit] and self.committed[unit] >= self.index.todo[unit] * self.per_id:
+            todo = self.index.todo[unit] * self.per_id
+            if self.index.recordable(unit) and todo and self.committed[unit] >= todo:
                 uris = self.records.pop(unit)
                 self.pending.append(remote(verify_unit).remote(
                     unit, self.index.units[unit], int(self.index.rows[unit]), bool(self.index.dense[unit]),

@@ -269,6 +269,8 @@ def read_back(units: list[dict], keys, task, storage: Storage) -> list[dict]:
     units are read again, each once, in one Ray task: a unit can be a whole JSONL file, too big for the driver."""
     import ray
 
+    if not len(keys):  # no task for nothing (a finished job's re-run names its repeats from unit records)
+        return []
     where = [(int(key_unit(k)), int(key_ordinal(k))) for k in keys]
     wanted = {}  # unit index -> (unit, ordinals of the wanted rows in it)
     for u, k in where:
