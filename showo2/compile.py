@@ -9,7 +9,8 @@ What is compiled (each piece where it is called, never with a decorator in the m
   path, the flow-head blocks and the final layer. A new skip list only changes which layers are called; the pruned
   and the full FFN width are one graph each: a whole FlashU plan compiles nothing after its first calls;
 - VQA decoding (`showo2.vqa.static_decode_step`) on a StaticDecodeKVCache: the batch padded to a power of two and
-  the cache to a multiple of 64 slots, so every token of every batch in a bucket runs one graph; on CUDA under
+  the cache to a multiple of 64 slots (one cache per bucket, grown for a longer prompt, kept for shorter ones), so
+  every token of every batch in a bucket runs one graph; on CUDA under
   mode="reduce-overhead" (CUDA graphs: the cache buffers are marked static, they never move);
 - the VQA image path (`Compiler.compile_image_path`): the VAE encoder and the semantic layers of
   `Showo2.embed_image`, compiled in place because `showo2.vqa.prompt_embeddings` calls them from inside every
@@ -66,7 +67,7 @@ class Compiler:
             module.compile(backend=self.backend, mode=self.mode, fullgraph=True)
 
     def static_decoder(self) -> StaticDecoder:
-        """The VQA decoder of one worker: the compiled decode step, caches kept per shape with static buffers."""
+        """The VQA decoder of one worker: the compiled decode step, one cache per batch bucket, static buffers."""
         return StaticDecoder(self(static_decode_step, decode=True), new_cache=static_cache)
 
 

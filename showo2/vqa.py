@@ -166,7 +166,7 @@ def static_decode_step(model: Showo2, cache: StaticDecodeKVCache, next_ids: torc
 
 class StaticDecoder:
     """Decoding on static shapes: the batch padded to `batch_bucket` rows, the cache to a multiple of
-    `capacity_multiple` slots, every decode step the same graph. One per worker: caches are kept per shape and reused
+    `capacity_multiple` slots, every decode step the same graph. One per worker: one cache per batch bucket, reused
     (their buffers must not move under CUDA graphs). step_fn: `static_decode_step` or its compiled form
     (showo2/compile.py); new_cache(model, shape args) -> a StaticDecodeKVCache (compile.py marks its buffers static).
     Greedy tokens equal `greedy_answers`' (the hidden slots weigh exactly 0); float rounding may differ."""
@@ -174,15 +174,18 @@ class StaticDecoder:
     def __init__(self, step_fn=static_decode_step, capacity_multiple: int = 64, new_cache=None):
         self.step_fn, self.capacity_multiple = step_fn, capacity_multiple
         self.new_cache = new_cache or (lambda *shape: StaticDecodeKVCache(*shape))
-        self.caches: dict[tuple, StaticDecodeKVCache] = {}
+        self.caches: dict[tuple, StaticDecodeKVCache] = {}  # (batch bucket, dtype, device) -> its cache
 
     def cache_for(self, model: Showo2, rows: int, capacity: int, dtype, device) -> StaticDecodeKVCache:
+        """The cache of batch bucket `rows` with room for `capacity` slots at least: one per bucket, replaced by a
+        larger one when a batch needs more (a cache per capacity would hold a whole model's KV buffers for every
+        prompt length bucket ever seen; a larger cache serves shorter prompts, its extra slots hidden)."""
         cfg = model.showo.config
-        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, capacity,
-                 cfg.hidden_size // cfg.num_attention_heads, dtype, device)
-        if shape not in self.caches:
-            self.caches[shape] = self.new_cache(*shape)
-        cache = self.caches[shape]
+        key = (rows, dtype, device)
+        cache = self.caches.get(key)
+        if cache is None or cache.keys[0].shape[2] < capacity:
+            cache = self.caches[key] = self.new_cache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, capacity,
+                                                      cfg.hidden_size // cfg.num_attention_heads, dtype, device)
         cache.reset()
         return cache
 
@@ -190,8 +193,10 @@ class StaticDecoder:
         """Prompt (embeds (B, L, H)) into the cache -> (logits (B, V) fp32 of the last position,
         decode(next_ids, step) -> logits (B, V) fp32) for `decode_tokens`."""
         (B, L), device = real.shape, embeds.device
-        Bb, C = batch_bucket(B), find_multiple(L + max_new_tokens, self.capacity_multiple)
-        cache = self.cache_for(model, Bb, C, embeds.dtype, device)
+        Bb = batch_bucket(B)
+        cache = self.cache_for(model, Bb, find_multiple(L + max_new_tokens, self.capacity_multiple), embeds.dtype,
+                               device)
+        C = cache.keys[0].shape[2]  # the cache's capacity: this batch's, or a longer one's before it
         out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
                           position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         slot = torch.arange(C, device=device)

@@ -98,12 +98,21 @@ def test_static_cache_decoding_gives_the_same_tokens(make_tiny_model):
     static_answers, static_logits = greedy_answers(model, rows, latents, static=static, **kwargs)
     assert static_answers == answers
     torch.testing.assert_close(static_logits, logits, rtol=1e-5, atol=1e-5)
-    assert [key[1] for key in static.caches] == [8]
+    assert [key[0] for key in static.caches] == [8]  # (batch bucket, dtype, device)
     # the cache is reused by the next batch of that shape; stale keys from the last one are gone
     eos = answers[2][4]
     stopped = greedy_answers(model, rows, latents, max_new_tokens=10, eos_id=eos, pad_id=TOKENS.pad, static=static)
     assert stopped == greedy_answers(model, rows, latents, max_new_tokens=10, eos_id=eos, pad_id=TOKENS.pad)
     assert len(static.caches) == 1
+    # one cache per bucket: shorter prompts reuse the larger cache (extra slots hidden), longer ones replace it
+    capacity = next(iter(static.caches.values())).keys[0].shape[2]
+    for lengths in ([2, 1, 4, 3, 5], [3, 17, 1, 9, 25 + 64]):
+        rows, latents = random_prompts(model, lengths, seed=1)
+        kwargs = dict(max_new_tokens=10, eos_id=-1, pad_id=TOKENS.pad)
+        assert greedy_answers(model, rows, latents, static=static, **kwargs) == greedy_answers(model, rows, latents,
+                                                                                               **kwargs)
+        assert len(static.caches) == 1
+    assert next(iter(static.caches.values())).keys[0].shape[2] == capacity + 64
 
 
 def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
@@ -117,7 +126,7 @@ def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
         assert all(len(a) == 8 for a in compiled)
         assert graphs() == 1, n
     greedy_answers(model, rows[:1], latents[:1], static=decoder, **kwargs)  # bucket 1: its own graph
-    assert graphs() == 2 and sorted(key[1] for key in decoder.caches) == [1, 8]
+    assert graphs() == 2 and sorted(key[0] for key in decoder.caches) == [1, 8]  # (batch bucket, dtype, device)
 
 
 def test_compiled_image_path_equals_eager(make_tiny_model, graphs):
