@@ -1,4 +1,5 @@
-"""Row ids as fixed-size hashes: the driver's bookkeeping of millions of ids in a few numpy arrays.
+"""Row ids as fixed-size hashes, and the arithmetic of the id bookkeeping over them (run in Ray tasks, one per hash
+partition: scheduler/bookkeeping.py).
 
 A Python set or list of 10M id strings costs gigabytes; the same ids as 16-byte hashes in a numpy array cost
 160 MB, and sorting / searchsorted stand in for the set operations. Why 128 bits: the chance that two of n distinct
@@ -32,16 +33,11 @@ def find(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.
     return found, index
 
 
-def first_occurrences(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort `hashes` IN PLACE (no second copy of them at any time) and mark each value's first occurrence.
-
-    Returns (order (n,) int64: the sorted hashes' original positions, first (n,) bool: True at the first of each run
-    of equal hashes, which is the one with the earliest original position because the argsort is stable)."""
-    order = np.argsort(hashes, kind="stable")
-    hashes.sort()  # equal hashes are equal bytes: any sort gives hashes[order]
-    first = np.ones(len(hashes), bool)
-    first[1:] = hashes[1:] != hashes[:-1]
-    return order, first
+def run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """(n,) bool over sorted values: True at the first of each run of equal values."""
+    first = np.ones(len(sorted_values), bool)
+    first[1:] = sorted_values[1:] != sorted_values[:-1]
+    return first
 
 
 # ---- Hash partitions: the id bookkeeping of a task as work over slices of the id space ----------------------------
@@ -104,8 +100,7 @@ def index_partition(rows: np.ndarray, commits: np.ndarray, images_per_id: int = 
     rows = rows[np.argsort(rows["key"], kind="stable")]
     order = np.argsort(rows["hash"], kind="stable")  # equal hashes stay in read order
     hashes, keys = rows["hash"][order], rows["key"][order]
-    first = np.ones(len(hashes), bool)
-    first[1:] = hashes[1:] != hashes[:-1]
+    first = run_starts(hashes)
     of_first = keys[first][np.cumsum(first) - 1]  # each row's id's first key
     repeat_keys, repeat_of = keys[~first], of_first[~first]
     hashes, keys = hashes[first], keys[first]
@@ -160,6 +155,5 @@ def claim_losers(commits: np.ndarray, rank: np.ndarray) -> np.ndarray:
                                                                     rank[commits["record"]], commits["row"])
     order = np.argsort(table, order=["out", "failed", "rank", "row"])
     out = table["out"][order]
-    first = np.ones(len(out), bool)
-    first[1:] = out[1:] != out[:-1]
+    first = run_starts(out)
     return commits[order[~first]]
