@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from flashu_batch.jobs.ids import key_unit, read_key
 from flashu_batch.jobs.output import READ_KEY, SCHEMAS, TaskOutput
-from flashu_batch.jobs.spec import InputSpec, ModelSpec, ResourcesSpec, StorageSpec
+from flashu_batch.jobs.spec import InputSpec, ModelSpec, ResourcesSpec, StorageSpec, VQAParams
 from flashu_batch.jobs.storage import Storage, StorageUnavailable
 from flashu_batch.scheduler.read import ROW_SCHEMAS, carry_columns, read_units
 from flashu_batch.scheduler.validate import validate_t2i, validate_vqa
@@ -219,9 +219,13 @@ def write_and_commit(batch: pa.Table, output: TaskOutput, run_id: str) -> pa.Tab
 def worker_kwargs(model: ModelSpec, params, resources: ResourcesSpec, storage: StorageSpec | None,
                   job_id: str = "") -> dict:
     """What a worker is built from: the model, the task's params, and from the resources only its GPU share and its
-    batch deadline (workers/t2i.py, workers/vqa.py). Small: Ray sends it to every actor it starts."""
-    return dict(model=model, params=params, storage=storage, gpus=resources.gpus_per_worker,
-                batch_timeout_s=resources.batch_timeout_s, job_id=job_id)
+    batch deadline (workers/t2i.py, workers/vqa.py), and for a VQA worker its batch size (its warm-up compiles the
+    decode graphs of a full batch, model.compile). Small: Ray sends it to every actor it starts."""
+    kwargs = dict(model=model, params=params, storage=storage, gpus=resources.gpus_per_worker,
+                  batch_timeout_s=resources.batch_timeout_s, job_id=job_id)
+    if isinstance(params, VQAParams):
+        kwargs["batch_size"] = resources.batch_size
+    return kwargs
 
 
 def inference_stages(ds, kind: str, model: ModelSpec, params, resources: ResourcesSpec, storage: StorageSpec | None,
@@ -249,10 +253,7 @@ def inference_stages(ds, kind: str, model: ModelSpec, params, resources: Resourc
     # a map task emits its output only when the whole block is done; without this one big file would go through
     # one actor (the others idle) and commit nothing until its last row.
     ds = ds.repartition(target_num_rows_per_block=resources.batch_size)
-    kwargs = worker_kwargs(model, params, resources, storage, job_id)
-    if kind == "vqa":  # its warm-up compiles the decode graphs of a full batch (model.compile)
-        kwargs["batch_size"] = resources.batch_size
-    ds = map_stage(ds, worker_cls, fn_constructor_kwargs=kwargs,
+    ds = map_stage(ds, worker_cls, fn_constructor_kwargs=worker_kwargs(model, params, resources, storage, job_id),
                    resources=dict(resources.custom),  # e.g. {"t2i": 1}: the pool goes only to t2i nodes
                    compute=ray.data.ActorPoolStrategy(size=resources.workers),  # the full pool from the start
                    num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker,

@@ -97,16 +97,13 @@ def png_bytes(color=(255, 0, 0), size=(40, 30)) -> bytes:
 
 
 def build_worker(worker_cls, spec, task_name: str, **model_updates):
-    """A worker built as the pipeline builds it: from the spec's model (with model_updates, e.g. compile="on") and
-    the task's params and resources (a VQA worker also gets its batch size, as inference_stages gives it)."""
+    """A worker built as the pipeline builds it (scheduler.pipeline.worker_kwargs): from the spec's model (with
+    model_updates, e.g. compile="on") and the task's params and resources."""
     from flashu_batch.scheduler.pipeline import worker_kwargs
 
     task = spec.task(task_name)
     model = spec.model.model_copy(update=model_updates) if model_updates else spec.model
-    kwargs = worker_kwargs(model, task.params, task.resources, spec.storage, spec.job_id)
-    if task.kind == "vqa":
-        kwargs["batch_size"] = task.resources.batch_size
-    return worker_cls(**kwargs)
+    return worker_cls(**worker_kwargs(model, task.params, task.resources, spec.storage, spec.job_id))
 
 
 def run(worker, batch) -> dict:
