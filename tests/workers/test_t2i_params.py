@@ -82,7 +82,11 @@ def test_negative_prompt_param_and_column(checkpoint, pipe, plain):
         expected = pixels(reference_png(pipe, prompt, negative, seed))
         assert np.abs(pixels(out["image_bytes"][i]) - expected).max() <= 2  # prefix cache vs full step: rounding
         assert not np.array_equal(pixels(out["image_bytes"][i]), pixels(default["image_bytes"][i]))
-    assert out["image_bytes"][2] == default["image_bytes"][2]  # '' is the official empty caption, bit for bit
+    # '' is the official empty caption: bit for bit the default in a batch of the same shape; beside rows with longer
+    # negative prompts (a longer padded prefix) the BLAS may sum in another order (seen on an AMD EPYC: 1 level)
+    assert np.abs(pixels(out["image_bytes"][2]) - pixels(default["image_bytes"][2])).max() <= 2
+    alone = run(worker, batch(["c"], ["a cat"], seeds=[3], negatives=[""]))
+    assert alone["image_bytes"][0] == run(plain, batch(["c"], ["a cat"], seeds=[3]))["image_bytes"][0]
     assert json.loads(out["model"][0])["negative_prompt"] == "blurry, dark"
     assert "negative_prompt" not in json.loads(default["model"][0])
 
