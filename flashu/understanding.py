@@ -17,12 +17,19 @@ aligned; that costs one small k/v projection per skipped layer and token. With l
 (layer_skip_ratio 0) nothing is measured at all.
 
 Decoding runs on a preallocated KV cache (showo2/kv_cache.py) with the key masks built once per batch, token ids
-and stop flags on the device and one host sync per token, as `showo2.vqa.greedy_answers`.
+and stop flags on the device and one host sync per token, as `showo2.vqa.greedy_answers`. With layer skipping off
+it can run on static shapes instead, as the exact path's compiled decoding (`showo2.vqa.StaticDecoder`):
+`SpecialistDecoder` pads the batch to a power of two and keeps one StaticDecodeKVCache per batch bucket, and
+`specialist_decode_step` (compiled by a worker's Compiler, under CUDA graphs on CUDA) runs every token of every
+batch in a bucket as one graph. All layers write generation step g into slot L + g; the pruned layers' slots
+[L', L) stay hidden. With layer skipping on, the skip set changes per step (and with it the graph), so decoding
+stays on the growing DecodeKVCache, eager (`UnderstandingSpecialist.static_decoder` returns None).
 
 Shape legend: B rows, L prompt length, L' kept length, H width, N image tokens, nkv KV heads, hd head dim.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +39,12 @@ from flashu_batch.flashu.config import FlashUUnderstandingConfig
 from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
 from flashu_batch.flashu.layer_skip import layers_to_skip
 from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
-from flashu_batch.showo2.kv_cache import DecodeKVCache
+from flashu_batch.showo2.compile import Compiler, static_cache
+from flashu_batch.showo2.kv_cache import DecodeKVCache, StaticDecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
-from flashu_batch.showo2.modeling import Showo2, additive_mask
-from flashu_batch.showo2.vqa import batch_prompts, decode_key_mask, decode_tokens, greedy_answers, prompt_embeddings
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_flex_mask
+from flashu_batch.showo2.vqa import (StaticDecoder, batch_prompts, decode_key_mask, decode_tokens, greedy_answers,
+                                     prompt_embeddings, slot_order)
 
 
 def value_norms(layer, h: torch.Tensor) -> torch.Tensor:
@@ -73,14 +82,32 @@ class UnderstandingSpecialist:
     ffn_widths: tuple[int, ...]
     config: FlashUUnderstandingConfig
 
-    def pipeline_kwargs(self) -> dict:
-        """Keyword arguments that make `Showo2Pipeline.answer` run this specialist."""
-        return dict(decode_fn=self.greedy_answers)
+    def pipeline_kwargs(self, compiler: Compiler | None = None) -> dict:
+        """Keyword arguments that make `Showo2Pipeline.answer` run this specialist: with a `compiler` (a worker's),
+        on static shapes with the decode step compiled where `static_decoder` allows it, else eager. Call it once
+        per worker: the static decoder keeps its caches."""
+        static = self.static_decoder(compiler) if compiler is not None else None
+        return dict(decode_fn=self.greedy_answers if static is None else partial(self.greedy_answers, static=static))
+
+    def static_decoder(self, compiler: Compiler | None = None) -> "SpecialistDecoder | None":
+        """A decoder on static shapes, its step compiled by `compiler` (uncompiled without one); None with layer
+        skipping on: the skip set changes per step, and with it the graph, so that decoding stays eager."""
+        if self.config.layer_skip_ratio > 0:
+            return None
+        if compiler is None:
+            return SpecialistDecoder()
+        return SpecialistDecoder(compiler(specialist_decode_step, decode=True), new_cache=static_cache,
+                                 attend=compiler.flex_attention())
 
     def pruned_token_count(self) -> int:
         """Image tokens that V-norm pruning drops: the ratio's share, keeping at least `token_prune_min_kept`."""
         n = self.model.config.num_image_tokens
         return max(0, min(int(self.config.token_prune_ratio * n), n - self.config.token_prune_min_kept))
+
+    def pruned_layers(self) -> range:
+        """The layers that hold only the kept prompt keys: layer K on, none when token pruning drops nothing."""
+        n = len(self.model.showo.model.layers)
+        return range(self.config.token_prune_layer if self.pruned_token_count() > 0 else n, n)
 
     def run_layer(self, i, h, **kwargs):
         layer = self.model.showo.model.layers[i]
@@ -88,23 +115,28 @@ class UnderstandingSpecialist:
             return layer(h, **kwargs)
         return decoder_layer(layer, h, self.ffn_widths[i], **kwargs)
 
-    def prefill(self, embeds, position_ids, allowed, real, image, cache, score: bool = True):
+    def prefill(self, embeds, position_ids, allowed, real, image, cache, score: bool = True, flex=None):
         """Prompt through every layer with token pruning at layer K -> (last hidden (B, H) final-normed,
         per-layer key masks `real` (list of (B, Lk) bool), per-layer importance of the last token (layers,), or
-        None when not `score`: layer skipping off pays nothing for it)."""
-        llm, cfg = self.model.showo.model, self.config
+        None when not `score`: layer skipping off pays nothing for it). flex(kept=None) -> the omni mask as a FlexMask
+        (showo2.modeling.omni_flex_mask with this batch's layout), used instead of the additive mask of `allowed`."""
+        llm = self.model.showo.model
         h, layer_real, inputs = embeds, [], []
         pe = llm.rotary_emb(h, position_ids)
-        mask = additive_mask(allowed, h.dtype)
-        drop = self.pruned_token_count()
+        mask = additive_mask(allowed, h.dtype) if flex is None else flex()
+        drop, pruned = self.pruned_token_count(), self.pruned_layers()
         for i in range(len(llm.layers)):
-            if i == cfg.token_prune_layer and drop > 0:
+            if i == pruned.start:  # token pruning (never reached when it drops nothing)
                 kept = kept_token_indices(value_norms(llm.layers[i], h), image, drop)  # (B, L')
                 h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
                 position_ids, real = position_ids.gather(1, kept), real.gather(1, kept)
-                rows = torch.arange(h.shape[0], device=h.device)[:, None, None]
-                allowed = allowed[:, 0][rows, kept[:, :, None], kept[:, None, :]][:, None]  # (B, 1, L', L')
-                pe, mask = llm.rotary_emb(h, position_ids), additive_mask(allowed, h.dtype)
+                pe = llm.rotary_emb(h, position_ids)
+                if flex is None:
+                    rows = torch.arange(h.shape[0], device=h.device)[:, None, None]
+                    allowed = allowed[:, 0][rows, kept[:, :, None], kept[:, None, :]][:, None]  # (B, 1, L', L')
+                    mask = additive_mask(allowed, h.dtype)
+                else:
+                    mask = flex(kept=kept)
             layer_real.append(real)
             inputs.append(h[:, -1])
             h = self.run_layer(i, h, attention_mask=mask, position_ids=position_ids, cache=cache,
@@ -143,9 +175,10 @@ class UnderstandingSpecialist:
 
     @torch.no_grad()
     def greedy_answers(self, model: Showo2, rows: list[Sequences], latents: torch.Tensor, *, max_new_tokens: int,
-                       eos_id: int, pad_id: int, return_logits: bool = False, sampler=None):
+                       eos_id: int, pad_id: int, return_logits: bool = False, sampler=None,
+                       static: "SpecialistDecoder | None" = None):
         """Drop-in for `showo2.vqa.greedy_answers` (same arguments and results; `sampler` draws the next tokens
-        from the logits instead of argmax, as there)."""
+        from the logits instead of argmax, as there; `static`: decode on static shapes, layer skipping off)."""
         assert model is self.model, "the specialist decodes with its own (reordered) model"
         cfg = self.config
         seqs, pads, real, position_ids, allowed = batch_prompts(rows, pad_id, latents.device)
@@ -153,10 +186,17 @@ class UnderstandingSpecialist:
         col = torch.arange(L, device=latents.device)
         first = seqs.image_offsets[:, None] + 1  # image tokens follow the time slot
         image = (col[None] >= first) & (col[None] < first + model.config.num_image_tokens)  # (B, L)
-        cache = DecodeKVCache(len(model.showo.model.layers), max_new_tokens)
+        embeds = prompt_embeddings(model, seqs, latents)
+        loop = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, return_logits=return_logits, sampler=sampler)
         skipping = cfg.layer_skip_ratio > 0  # off: no layer scoring at all, in the prefill or in any step
-        hidden, layer_real, importance = self.prefill(prompt_embeddings(model, seqs, latents), position_ids,
-                                                      allowed, real, image, cache, score=skipping)
+        if static is not None:
+            assert not skipping, "layer skipping changes the graph per step: it decodes eager"
+            return decode_tokens(*static.prefill(self, seqs, pads, embeds, position_ids, allowed, real, image,
+                                                 max_new_tokens), **loop)
+
+        cache = DecodeKVCache(len(model.showo.model.layers), max_new_tokens)
+        hidden, layer_real, importance = self.prefill(embeds, position_ids, allowed, real, image, cache,
+                                                      score=skipping)
         skip = layers_to_skip(importance, cfg.layer_skip_ratio) if skipping else frozenset()
         key_masks = self.decode_masks(layer_real, max_new_tokens, hidden.dtype)
         next_position = L - pads  # (B,) RoPE position of the first generated token
@@ -170,8 +210,51 @@ class UnderstandingSpecialist:
                 skip = layers_to_skip(importance, cfg.layer_skip_ratio)
             return model.showo.lm_head(hidden).float()  # (B, V)
 
-        return decode_tokens(model.showo.lm_head(hidden).float(), decode, max_new_tokens=max_new_tokens,
-                             eos_id=eos_id, return_logits=return_logits, sampler=sampler)
+        return decode_tokens(model.showo.lm_head(hidden).float(), decode, **loop)
+
+
+def specialist_decode_step(specialist: UnderstandingSpecialist, cache: StaticDecodeKVCache, next_ids: torch.Tensor,
+                           positions: torch.Tensor, slot_orders: tuple[torch.Tensor, ...],
+                           step: torch.Tensor) -> torch.Tensor:
+    """`showo2.vqa.static_decode_step` for the specialist (what torch.compile captures): one token per row through
+    every layer at its own FFN width, the same shapes at every step. next_ids, positions (Bb,); slot_orders: one
+    (Bb, C) `slot_order` per key layout, the prompt's keys then (token pruning on) the kept ones; step () long ->
+    logits (Bb, V) fp32. Each layout's mask is built once per step and shared by its layers."""
+    llm = specialist.model.showo.model
+    h = llm.embed_tokens(next_ids[:, None])  # (Bb, 1, H)
+    pe = llm.rotary_emb(h, positions[:, None])
+    masks = [additive_mask((order <= step)[:, None, None, :], h.dtype) for order in slot_orders]  # (Bb, 1, 1, C)
+    pruned = specialist.pruned_layers()
+    for i in range(len(llm.layers)):
+        h = specialist.run_layer(i, h, attention_mask=masks[1 if i in pruned else 0], position_ids=positions[:, None],
+                                 cache=cache, position_embeddings=pe)
+    return specialist.model.showo.lm_head(llm.norm(h)[:, -1]).float()
+
+
+class SpecialistDecoder(StaticDecoder):
+    """StaticDecoder for the specialist, layer skipping off: the same batch buckets and caches (one per bucket,
+    reused, grown for a longer prompt) and the same device-side decode loop, with the specialist's prefill (token
+    pruning: layers >= K fill slots [:L']; on FlexAttention where `attend` is given) and step
+    (`specialist_decode_step` or its compiled form). Greedy tokens equal the eager path's."""
+
+    def __init__(self, step_fn=specialist_decode_step, capacity_multiple: int = 64, new_cache=None, attend=None):
+        super().__init__(step_fn, capacity_multiple, new_cache, attend)
+
+    def prefill(self, specialist: UnderstandingSpecialist, seqs: Sequences, pads, embeds, position_ids, allowed,
+                real, image, max_new_tokens: int):
+        """Prompt (embeds (B, L, H), `batch_prompts`' other results) of the B real rows into the bucket's cache ->
+        (logits (B, V) fp32 of the last position, decode(next_ids, step) -> logits (B, V) fp32) for
+        `decode_tokens`."""
+        B, L = real.shape
+        cache = self.cache_for(specialist.model, B, L, max_new_tokens, embeds.dtype, embeds.device)
+        flex = None if self.attend is None else partial(omni_flex_mask, seqs.modality_positions, pads, L,
+                                                        attend=self.attend)
+        hidden, layer_real, _ = specialist.prefill(embeds, position_ids, allowed, real, image, cache, score=False,
+                                                   flex=flex)
+        pruned = specialist.pruned_layers()
+        layouts = [layer_real[0]] + ([layer_real[pruned.start]] if pruned else [])
+        orders = tuple(slot_order(keys, cache, L) for keys in layouts)
+        return specialist.model.showo.lm_head(hidden).float(), self.decoder(specialist, cache, position_ids, orders)
 
 
 def last_token_importance(inputs: list[torch.Tensor], final: torch.Tensor) -> list[torch.Tensor]:

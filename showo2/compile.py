@@ -12,6 +12,12 @@ What is compiled (each piece where it is called, never with a decorator in the m
   the cache to a multiple of 64 slots (one cache per bucket, grown for a longer prompt, kept for shorter ones), so
   every token of every batch in a bucket runs one graph; on CUDA under
   mode="reduce-overhead" (CUDA graphs: the cache buffers are marked static, they never move);
+- the FlashU VQA decode step (flashu/understanding.py `specialist_decode_step`, its FFN widths and its two key
+  layouts, before and after token pruning), compiled there with `Compiler.__call__` and `static_cache` on the same
+  buckets and caches (a StaticDecoder subclass): one graph per bucket, as the exact step. Not with layer skipping
+  on (a skip set per step would be a graph per step): that specialist decodes eager;
+- the VQA prefill's attention: FlexAttention (`Compiler.flex_attention`) with the omni mask as a block mask
+  (modeling.omni_flex_mask), so the masked upper half and the padding are skipped block by block;
 - the VQA image path (`Compiler.compile_image_path`): the VAE encoder and the semantic layers of
   `Showo2.embed_image`, compiled in place because `showo2.vqa.prompt_embeddings` calls them from inside every
   decode function. Batch shapes as for the T2I step: a second batch size makes the batch dimension dynamic.
@@ -26,6 +32,7 @@ from typing import Literal
 
 import torch
 import torch._dynamo
+from torch.nn.attention.flex_attention import flex_attention
 
 from flashu_batch.showo2.kv_cache import StaticDecodeKVCache
 from flashu_batch.showo2.modeling import Showo2
@@ -66,9 +73,16 @@ class Compiler:
         for module in (vae.encoder, model.und_trans, model.fusion_proj):
             module.compile(backend=self.backend, mode=self.mode, fullgraph=True)
 
+    def flex_attention(self):
+        """FlexAttention compiled (a fused kernel that skips the blocks a mask hides; eager it is not): the VQA
+        prefill's attention. Prompt lengths vary, so after the second length its graph takes them symbolically."""
+        return self(flex_attention)
+
     def static_decoder(self) -> StaticDecoder:
-        """The VQA decoder of one worker: the compiled decode step, one cache per batch bucket, static buffers."""
-        return StaticDecoder(self(static_decode_step, decode=True), new_cache=static_cache)
+        """The VQA decoder of one worker: the prefill on FlexAttention, the compiled decode step, one cache per batch
+        bucket, static buffers."""
+        return StaticDecoder(self(static_decode_step, decode=True), new_cache=static_cache,
+                             attend=self.flex_attention())
 
 
 def configure_dynamo() -> None:

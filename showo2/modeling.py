@@ -10,11 +10,13 @@ p patch size.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
@@ -184,12 +186,31 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(B, nh, L, hd)
 
 
+@dataclass(frozen=True)
+class FlexMask:
+    """A prompt's attention mask as a FlexAttention block mask (`omni_flex_mask`): the kernel skips every block of
+    (query, key) tiles the mask hides whole, i.e. most of the causal upper half and the left padding, takes
+    grouped-query heads as they are (no K/V copy per head) and never builds the (rows, heads, L, L) scores.
+
+    attend: `flex_attention`, or its compiled form (showo2/compile.py Compiler.flex_attention): only compiled is it a
+    fused kernel; eager it materialises the scores, so eager callers keep the additive mask.
+    """
+    block_mask: BlockMask
+    attend: Callable = flex_attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """q (B, nh, L, hd), k and v (B, nkv, L, hd) -> (B, nh, L, hd)."""
+        return self.attend(q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=True)
+
+
 def llm_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The LLM's attention kernel (registered below as "showo2_sdpa", chosen in `Showo2.__init__`): transformers'
     SDPA path, except that one-row masks (cached decoding) go through `grouped_query_attention` instead of repeating
     K/V for every query head, and a CachedPrefixMask (the prefix-cached T2I step) through `prefix_span_attention`.
     query (B, nh, L, hd), key and value (B, nkv, Lk, hd) -> ((B, L, nh, hd), None), as transformers' attention
     functions."""
+    if isinstance(attention_mask, FlexMask):  # the VQA prefill (inference only)
+        return attention_mask(query, key, value, scaling).transpose(1, 2).contiguous(), None
     if isinstance(attention_mask, CachedPrefixMask):
         if dropout == 0.0:
             return prefix_span_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
@@ -302,6 +323,31 @@ def omni_attention_mask(modality_positions: torch.Tensor, seq_len: int) -> torch
     block = (inside[:, :, :, None] & inside[:, :, None, :]).any(dim=1)  # (B, L, L)
     causal = pos[None, :] <= pos[:, None]  # (L, L): key <= query
     return (block | causal)[:, None]
+
+
+def omni_flex_mask(modality_positions: torch.Tensor, pads: torch.Tensor, seq_len: int,
+                   kept: torch.Tensor | None = None, attend: Callable = flex_attention) -> FlexMask:
+    """The omni mask of left-padded prompts as a FlexMask: `omni_attention_mask` (B, 1, L, L) with the `pads` (B,)
+    leading keys of each row hidden, and every query seeing itself (a padding query would otherwise see no key), as
+    showo2.vqa.batch_prompts builds it densely.
+
+    kept (B, L') long, increasing: the positions a row keeps once tokens are pruned (flashu/understanding.py): the
+    mask of the kept rows and columns, for a prompt of L' tokens.
+    """
+    offset, length = modality_positions[..., 0], modality_positions[..., 1]  # (B, M) each
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = (kept[b, q_idx], kept[b, kv_idx]) if kept is not None else (q_idx, kv_idx)
+        visible = k <= q  # causal
+        for m in range(offset.shape[1]):  # full attention inside each modality block
+            start, end = offset[b, m], offset[b, m] + length[b, m]
+            visible = visible | ((q >= start) & (q < end) & (k >= start) & (k < end))
+        return (visible & (k >= pads[b])) | (q_idx == kv_idx)
+
+    L = seq_len if kept is None else kept.shape[1]
+    block_mask = create_block_mask(mask_mod, modality_positions.shape[0], None, L, L,
+                                   device=modality_positions.device)
+    return FlexMask(block_mask, attend)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from flashu_batch.showo2.kv_cache import DecodeKVCache, StaticDecodeKVCache
 from flashu_batch.showo2.layouts import Sequences
-from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask
+from flashu_batch.showo2.modeling import Showo2, additive_mask, omni_attention_mask, omni_flex_mask
 from flashu_batch.showo2.prefix_cache import find_multiple
 
 UNDERSTANDING_TIME = 1.0  # images are clean data for understanding: the time token is t = 1
@@ -62,6 +62,15 @@ def batch_prompts(rows: list[Sequences], pad_id: int, device):
     allowed = omni_attention_mask(seqs.modality_positions, L) & real[:, None, None, :]
     allowed |= torch.eye(L, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax rows
     return seqs, pads, real, position_ids, allowed
+
+
+def prefill_mask(seqs: Sequences, pads: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype, attend=None):
+    """The prefill's attention mask (`batch_prompts`' allowed (B, 1, L, L)) as `model.showo` takes it: additive, or
+    with a FlexAttention kernel `attend` (compiled: showo2/compile.py) a FlexMask that skips the masked blocks, handed
+    over as transformers' ready-made mask mapping (its mask preparation would drop a mask that is not a tensor)."""
+    if attend is None:
+        return additive_mask(allowed, dtype)
+    return {"full_attention": omni_flex_mask(seqs.modality_positions, pads, allowed.shape[-1], attend=attend)}
 
 
 @dataclass
@@ -168,57 +177,74 @@ class StaticDecoder:
     """Decoding on static shapes: the batch padded to `batch_bucket` rows, the cache to a multiple of
     `capacity_multiple` slots, every decode step the same graph. One per worker: one cache per batch bucket, reused
     (their buffers must not move under CUDA graphs). step_fn: `static_decode_step` or its compiled form
-    (showo2/compile.py); new_cache(model, shape args) -> a StaticDecodeKVCache (compile.py marks its buffers static).
+    (showo2/compile.py); new_cache(model, shape args) -> a StaticDecodeKVCache (compile.py marks its buffers static);
+    attend: the prefill's FlexAttention kernel (`prefill_mask`; None: the additive mask).
     Greedy tokens equal `greedy_answers`' (the hidden slots weigh exactly 0); float rounding may differ."""
 
-    def __init__(self, step_fn=static_decode_step, capacity_multiple: int = 64, new_cache=None):
-        self.step_fn, self.capacity_multiple = step_fn, capacity_multiple
+    def __init__(self, step_fn=static_decode_step, capacity_multiple: int = 64, new_cache=None, attend=None):
+        self.step_fn, self.capacity_multiple, self.attend = step_fn, capacity_multiple, attend
         self.new_cache = new_cache or (lambda *shape: StaticDecodeKVCache(*shape))
         self.caches: dict[tuple, StaticDecodeKVCache] = {}  # (batch bucket, dtype, device) -> its cache
 
-    def cache_for(self, model: Showo2, rows: int, capacity: int, dtype, device) -> StaticDecodeKVCache:
-        """The cache of batch bucket `rows` with room for `capacity` slots at least: one per bucket, replaced by a
-        larger one when a batch needs more (a cache per capacity would hold a whole model's KV buffers for every
-        prompt length bucket ever seen; a larger cache serves shorter prompts, its extra slots hidden)."""
+    def cache_for(self, model: Showo2, rows: int, prompt_len: int, max_new_tokens: int, dtype,
+                  device) -> StaticDecodeKVCache:
+        """The cache for a batch of `rows` prompts of `prompt_len` tokens: its batch bucket's, with room for the
+        prompt and the answer at least. One per bucket, replaced by a larger one when a batch needs more (a cache per
+        capacity would hold a whole model's KV buffers for every prompt length ever seen; a larger cache serves
+        shorter prompts, its extra slots hidden)."""
         cfg = model.showo.config
-        key = (rows, dtype, device)
+        key = (batch_bucket(rows), dtype, device)
+        capacity = find_multiple(prompt_len + max_new_tokens, self.capacity_multiple)
         cache = self.caches.get(key)
         if cache is None or cache.keys[0].shape[2] < capacity:
-            cache = self.caches[key] = self.new_cache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, capacity,
-                                                      cfg.hidden_size // cfg.num_attention_heads, dtype, device)
+            cache = self.caches[key] = self.new_cache(cfg.num_hidden_layers, key[0], cfg.num_key_value_heads,
+                                                      capacity, cfg.hidden_size // cfg.num_attention_heads, dtype,
+                                                      device)
         cache.reset()
         return cache
 
-    def prefill(self, model: Showo2, embeds, allowed, real, position_ids, max_new_tokens: int):
-        """Prompt (embeds (B, L, H)) into the cache -> (logits (B, V) fp32 of the last position,
-        decode(next_ids, step) -> logits (B, V) fp32) for `decode_tokens`."""
-        (B, L), device = real.shape, embeds.device
-        Bb = batch_bucket(B)
-        cache = self.cache_for(model, Bb, find_multiple(L + max_new_tokens, self.capacity_multiple), embeds.dtype,
-                               device)
-        C = cache.keys[0].shape[2]  # the cache's capacity: this batch's, or a longer one's before it
-        out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),
+    def prefill(self, model: Showo2, seqs: Sequences, pads, embeds, allowed, real, position_ids,
+                max_new_tokens: int):
+        """Prompt (embeds (B, L, H), `batch_prompts`' other results) into the cache -> (logits (B, V) fp32 of the
+        last position, decode(next_ids, step) -> logits (B, V) fp32) for `decode_tokens`."""
+        B, L = real.shape
+        cache = self.cache_for(model, B, L, max_new_tokens, embeds.dtype, embeds.device)
+        out = model.showo(inputs_embeds=embeds, attention_mask=prefill_mask(seqs, pads, allowed, embeds.dtype,
+                                                                            self.attend),
                           position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        slot = torch.arange(C, device=device)
-        prompt_keys = torch.zeros(Bb, C, dtype=torch.bool, device=device)
-        prompt_keys[:B, :L] = real
-        slot_order = torch.where(prompt_keys, -1, torch.where(slot >= L, slot - L, C))  # (Bb, C)
-        positions = torch.zeros(Bb, dtype=torch.long, device=device)
+        return out.logits[:, -1].float(), self.decoder(model, cache, position_ids, slot_order(real, cache, L))
+
+    def decoder(self, owner, cache: StaticDecodeKVCache, position_ids: torch.Tensor, order):
+        """decode(next_ids (B,), step) -> logits (B, V) fp32, on a cache a prefill of B rows of L tokens filled
+        (position_ids (B, L)): step_fn(owner, cache, ids, positions, order, step) on the bucket's rows. The next
+        token's slot, RoPE positions and visible keys advance on the device (no host values: one graph)."""
+        (B, L), device = position_ids.shape, position_ids.device
+        ids, positions = (torch.zeros(cache.keys[0].shape[0], dtype=torch.long, device=device) for _ in range(2))
         positions[:B] = position_ids[:, -1] + 1  # RoPE position of the first generated token
-        cache.position = torch.full((1,), L, dtype=torch.long, device=device)
         step_t = torch.zeros((), dtype=torch.long, device=device)
-        ids = torch.zeros(Bb, dtype=torch.long, device=device)
+        cache.position = torch.full((1,), L, dtype=torch.long, device=device)  # generation step g writes slot L + g
 
         def decode(next_ids, step):
             ids[:B] = next_ids
-            logits = self.step_fn(model, cache, ids, positions, slot_order, step_t)[:B].clone()  # (B, V)
-            # the next token's slot, position and visible keys, advanced on the device (no host values: one graph)
-            cache.position += 1
-            positions.add_(1)
-            step_t.add_(1)
+            logits = self.step_fn(owner, cache, ids, positions, order, step_t)[:B].clone()  # (B, V)
+            for counter in (cache.position, positions, step_t):
+                counter.add_(1)
             return logits
 
-        return out.logits[:, -1].float(), decode
+        return decode
+
+
+def slot_order(real: torch.Tensor, cache: StaticDecodeKVCache, L: int) -> torch.Tensor:
+    """A key layout's visibility order (Bb, C) long over the cache's Bb rows and C slots, as `static_decode_step`
+    reads it (slot s is visible at step g when order <= g): -1 for the real prompt keys (real (B, Lk) bool, Lk <= L:
+    fewer where tokens were pruned), g for slot L + g (generation step g writes it), C for the rest: padding, slots
+    [Lk, L) never written, unused slots, and the bucket's pad rows, which so see their own generated keys only (no
+    empty softmax row, no NaN)."""
+    (B, Lk), (Bb, _, C, _) = real.shape, cache.keys[0].shape
+    slot = torch.arange(C, device=real.device)
+    order = torch.where(slot >= L, slot - L, C).repeat(Bb, 1)
+    order[:B, :Lk] = torch.where(real, -1, C)
+    return order
 
 
 @torch.no_grad()
@@ -240,7 +266,8 @@ def greedy_answers(model: Showo2, rows: list[Sequences], latents: torch.Tensor, 
     embeds = prompt_embeddings(model, seqs, latents)
     loop = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, return_logits=return_logits, sampler=sampler)
     if static is not None:
-        return decode_tokens(*static.prefill(model, embeds, allowed, real, position_ids, max_new_tokens), **loop)
+        return decode_tokens(*static.prefill(model, seqs, pads, embeds, allowed, real, position_ids, max_new_tokens),
+                             **loop)
 
     cache = DecodeKVCache(model.showo.config.num_hidden_layers, max_new_tokens)
     out = model.showo(inputs_embeds=embeds, attention_mask=additive_mask(allowed, embeds.dtype),

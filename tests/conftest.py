@@ -112,6 +112,19 @@ def count_host_reads(monkeypatch):
     return count
 
 
+@pytest.fixture
+def graphs():
+    """graphs() -> graphs dynamo has compiled since the test began (its caches are reset first); the compile tests
+    count them to show what recompiles and what does not."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 server process (moto_server) for the whole session; its fake credentials are in the environment."""

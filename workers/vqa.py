@@ -54,8 +54,9 @@ class VQAWorker:
         self.pipe, self.specialist = load_pipeline(model, "vqa", Storage(storage), gpus)
         self.load_seconds = time.perf_counter() - start
         self.compiler = worker_compiler(model, self.pipe.device)  # None: eager
-        if self.specialist is not None:  # FlashU decodes its own way (flashu/understanding.py), eager
-            self.decode_fn = self.specialist.pipeline_kwargs()["decode_fn"]
+        if self.specialist is not None:  # FlashU decodes its own way (flashu/understanding.py): on static shapes,
+            #                              the step compiled, when compiling and not skipping layers; else eager
+            self.decode_fn = self.specialist.pipeline_kwargs(self.compiler)["decode_fn"]
         elif self.compiler is not None:  # static KV cache, the decode step compiled (CUDA graphs on CUDA)
             self.decode_fn = partial(greedy_answers, static=self.compiler.static_decoder())
         else:
@@ -76,14 +77,16 @@ class VQAWorker:
                                        ) if self.compiler is not None else 0.0
 
     def warm_up_batch(self, rows: int) -> None:
-        """Answer `rows` copies of a grey image and a short question: compiles the image path for that batch size and
-        the decode step for its bucket (showo2/vqa.py batch_bucket) and cache length, at load instead of in the first
-        batches."""
+        """Answer `rows` copies of a grey image and a short question: compiles the image path for that batch size,
+        the decode step for its bucket (showo2/vqa.py batch_bucket) and cache length, and the prefill's attention,
+        at load instead of in the first batches. The question grows with `rows`: a second warm-up batch then has
+        another prompt length as well as another size, so both turn symbolic here and not in a user's batch."""
         import numpy as np
 
         R = self.pipe.resolution
         image = self.normalize_pixels(np.full((R, R, 3), 128, dtype=np.uint8))  # (3, R, R)
-        self.answer_batch([image] * rows, ["What is in the image?"] * rows, list(range(rows)))
+        question = "What is in the image?" + " Describe it." * (rows > 1)
+        self.answer_batch([image] * rows, [question] * rows, list(range(rows)))
 
     def __call__(self, batch):
         cols = read_columns(batch, self.INPUT_COLUMNS, type(self).__name__, self.OPTIONAL_COLUMNS)

@@ -1,7 +1,11 @@
-"""Shared helpers of the FlashU tests: seeded prompts and noise, configs with few calls, error measures."""
+"""Shared helpers of the FlashU tests: seeded prompts and noise, configs with few calls, error measures, VQA
+specialists of a deep tiny model."""
 
 import torch
 
+from flashu_batch.flashu.config import FlashUUnderstandingConfig
+from flashu_batch.flashu.ffn_prune import kept_widths
+from flashu_batch.flashu.understanding import UnderstandingSpecialist
 from flashu_batch.showo2.layouts import t2i_sequences
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 from flashu_batch.showo2.t2i import generate_latents, seeded_noise
@@ -48,6 +52,22 @@ def ffn_weights(model):
     return [(layer.mlp.gate_proj.weight.clone(), layer.mlp.up_proj.weight.clone(),
              layer.mlp.down_proj.weight.clone()) for layer in model.showo.model.layers]
 
+
+def deep(make_tiny_model, seed=0):
+    return make_tiny_model(seed=seed, llm_overrides=DEEP)
+
+
+def specialist(model, **knobs):
+    """A VQA specialist of `model` (its FFN neurons left in their order) with these FlashUUnderstandingConfig knobs."""
+    knobs.setdefault("token_prune_min_kept", 0)  # the test models' 16-token grids are under the default floor
+    config = FlashUUnderstandingConfig(**knobs)
+    return UnderstandingSpecialist(model, kept_widths(model, config.ffn_prune_ratio, config.ffn_width_multiple),
+                                   config)
+
+
+def answers(spec, rows, latents, n=6, **kw):
+    """The specialist's greedy answers (no eos: every row gets n tokens)."""
+    return spec.greedy_answers(spec.model, rows, latents, max_new_tokens=n, eos_id=-1, pad_id=TOKENS.pad, **kw)
 
 
 def config_from_dict(raw: dict):

@@ -2,6 +2,7 @@
 
 import torch
 
+from flashu_testkit import answers, deep, specialist
 from vqa_testkit import TOKENS, random_prompts
 from flashu_batch.flashu.config import FlashUGenerationConfig, FlashUUnderstandingConfig
 from flashu_batch.flashu.ffn_prune import kept_widths
@@ -10,21 +11,6 @@ from flashu_batch.flashu.understanding import (UnderstandingSpecialist, calibrat
                                   specialize_understanding)
 from flashu_batch.showo2.layouts import Sequences
 from flashu_batch.showo2.vqa import greedy_answers
-
-
-def deep(make_tiny_model, seed=0):
-    return make_tiny_model(seed=seed, llm_overrides={"num_hidden_layers": 8, "intermediate_size": 256})
-
-
-def specialist(model, **knobs):
-    knobs.setdefault("token_prune_min_kept", 0)  # the test models' 16-token grids are under the default floor
-    config = FlashUUnderstandingConfig(**knobs)
-    return UnderstandingSpecialist(model, kept_widths(model, config.ffn_prune_ratio, config.ffn_width_multiple),
-                                   config)
-
-
-def answers(spec, rows, latents, n=6, **kw):
-    return spec.greedy_answers(spec.model, rows, latents, max_new_tokens=n, eos_id=-1, pad_id=TOKENS.pad, **kw)
 
 
 def test_everything_off_equals_the_baseline_exactly(make_tiny_model):

@@ -1,14 +1,18 @@
-"""showo2/modeling.py attention: the folded-group path against SDPA's own enable_gqa, and the prefix-cached T2I
-step's split attention (mask-free span + masked prefix, merged by log-sum-exp) against masked SDPA on the math
-kernel (the reference)."""
+"""showo2/modeling.py attention: the folded-group path against SDPA's own enable_gqa, the prefix-cached T2I step's
+split attention (mask-free span + masked prefix, merged by log-sum-exp) and the VQA prefill's FlexAttention omni
+mask against masked SDPA on the math kernel (the reference)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashu_batch.showo2.modeling import (CachedPrefixMask, additive_mask, attention_with_lse, grouped_query_attention,
-                                          llm_attention, prefix_span_attention)
+from flashu_batch.showo2.modeling import (CachedPrefixMask, FlexMask, additive_mask, attention_with_lse,
+                                          grouped_query_attention, llm_attention, omni_attention_mask, omni_flex_mask,
+                                          prefix_span_attention)
+
+# Eager FlexAttention (the tests' reference of the compiled kernel) says it is unfused: that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 # Stated tolerance of the split attention against masked SDPA, CPU fp32 (observed: a few 1e-7).
 SPLIT_ATOL = SPLIT_RTOL = 1e-5
@@ -158,3 +162,77 @@ def test_split_attention_in_half_precision(dtype):
     mask = padded_prefix_mask([64, 17, 40], 64, dtype, device)
     reference = masked_sdpa(q.float(), k.float(), v.float(), CachedPrefixMask(mask.prefix.float()))
     torch.testing.assert_close(prefix_span_attention(q, k, v, mask).float(), reference, atol=2e-2, rtol=2e-2)
+
+
+def omni_prompts(lengths: list[int], image: int, seed: int = 0):
+    """Left-padded prompts of `lengths` tokens, each with an `image`-token block at a random place, as
+    showo2.vqa.batch_prompts lays them out -> (modality_positions (B, 1, 2), pads (B,), allowed (B, 1, L, L) bool:
+    the dense mask batch_prompts builds)."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    pads = L - torch.tensor(lengths)
+    starts = torch.tensor([int(torch.randint(0, n - image + 1, (1,), generator=g)) for n in lengths]) + pads
+    positions = torch.stack([starts, torch.full_like(starts, image)], dim=1)[:, None]  # (B, 1, 2)
+    real = torch.arange(L)[None, :] >= pads[:, None]  # (B, L)
+    allowed = omni_attention_mask(positions, L) & real[:, None, None, :] | torch.eye(L, dtype=torch.bool)
+    return positions, pads, allowed
+
+
+def masked_reference(q, k, v, allowed, scale=None):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(allowed, q.dtype), scale=scale,
+                                              enable_gqa=True)
+
+
+# Stated tolerance of the FlexAttention prefill against masked SDPA, CPU fp32 (observed: below 1e-6).
+FLEX_ATOL = FLEX_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("nh, nkv, lengths, image", [
+    (12, 2, [300, 517, 260, 517], 256),  # the 1.5B's head grouping; several 128-blocks; short rows padded
+    (4, 4, [19, 40], 17),  # no grouping, one block (the tiny model's prompts)
+    (8, 1, [260], 130),  # one row, the image block straddling block edges
+])
+def test_flex_omni_mask_equals_the_dense_mask(nh, nkv, lengths, image):
+    """The VQA prefill's attention on FlexAttention (eager here: the same math the compiled kernel fuses) against
+    masked SDPA with batch_prompts' dense mask; on long prompts it skips blocks (the causal upper half, padding)."""
+    positions, pads, allowed = omni_prompts(lengths, image, seed=len(lengths))
+    L = allowed.shape[-1]
+    q, k, v = qkv(B=len(lengths), nh=nh, nkv=nkv, L=L, Lk=L, hd=16, seed=L)
+    mask = omni_flex_mask(positions, pads, L)
+    scale = 0.8 / 16 ** 0.5
+    out, weights = llm_attention(None, q, k, v, mask, scaling=scale)  # the route the LLM layers take
+    assert weights is None and out.shape == (len(lengths), L, nh, 16)
+    torch.testing.assert_close(out.transpose(1, 2), masked_reference(q, k, v, allowed, scale), atol=FLEX_ATOL,
+                               rtol=FLEX_RTOL)
+    if L > 256:  # of the (query block, key block) tiles, those the kernel computes (whole or masked): not all
+        bm = mask.block_mask
+        computed = int((bm.kv_num_blocks + bm.full_kv_num_blocks).sum())
+        assert computed < bm.kv_indices.numel(), (computed, bm.kv_indices.numel())
+
+
+def test_flex_omni_mask_of_kept_tokens_is_the_gathered_mask():
+    """FlashU's token pruning keeps a subset of each row's positions: the mask of the kept rows and columns."""
+    positions, pads, allowed = omni_prompts([400, 290], 200, seed=3)
+    g = torch.Generator().manual_seed(4)
+    kept = torch.stack([torch.randperm(400, generator=g)[:333].sort().values for _ in range(2)])  # (B, L')
+    rows = torch.arange(2)[:, None, None]
+    gathered = allowed[:, 0][rows, kept[:, :, None], kept[:, None, :]][:, None]  # (B, 1, L', L')
+    q, k, v = qkv(B=2, nh=6, nkv=2, L=333, Lk=333, hd=8, seed=5)
+    out = omni_flex_mask(positions, pads, 400, kept=kept)(q, k, v)
+    torch.testing.assert_close(out, masked_reference(q, k, v, gathered), atol=FLEX_ATOL, rtol=FLEX_RTOL)
+
+
+def test_flex_mask_calls_the_kernel_it_was_given():
+    """attend is the kernel (the compiled one in production); the block mask, scale and grouped heads reach it."""
+    positions, pads, allowed = omni_prompts([20, 12], 5)
+    q, k, v = qkv(B=2, nh=4, nkv=2, L=20, Lk=20, hd=8)
+    calls = []
+
+    def attend(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(args[0])
+
+    mask = omni_flex_mask(positions, pads, 20, attend=attend)
+    assert isinstance(mask, FlexMask) and torch.equal(mask(q, k, v, 0.5), torch.zeros_like(q))
+    assert calls == [dict(block_mask=mask.block_mask, scale=0.5, enable_gqa=True)]

@@ -4,7 +4,6 @@ no recompilation across a whole FlashU plan, across the tokens of an answer or a
 import numpy as np
 import pytest
 import torch
-import torch._dynamo
 from torch._dynamo.utils import counters
 
 from vqa_testkit import TOKENS, random_prompts
@@ -14,16 +13,7 @@ from flashu_batch.showo2.compile import Compiler, compiler_for
 from flashu_batch.showo2.layouts import t2i_sequences
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 from flashu_batch.showo2.t2i import generate_latents, seeded_noise
-from flashu_batch.showo2.vqa import StaticDecoder, greedy_answers
-
-
-@pytest.fixture
-def graphs():
-    """graphs() -> graphs dynamo has compiled since the test began (its caches are reset first)."""
-    torch._dynamo.reset()
-    counters.clear()
-    yield lambda: counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
+from flashu_batch.showo2.vqa import StaticDecoder, greedy_answers, static_decode_step
 
 
 def t2i_inputs(model, lengths, seed=0):
@@ -117,7 +107,7 @@ def test_static_cache_decoding_gives_the_same_tokens(make_tiny_model):
 
 def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
     model = make_tiny_model(seed=24)
-    decoder = Compiler(backend="eager").static_decoder()
+    decoder = StaticDecoder(Compiler(backend="eager")(static_decode_step, decode=True))  # the step's graphs alone
     rows, latents = random_prompts(model, [3, 17, 1, 9, 25, 4, 12, 6])  # the longest first: one prompt length
     kwargs = dict(max_new_tokens=8, eos_id=-1, pad_id=TOKENS.pad)
     for n in (5, 7, 8):  # one bucket (8 rows), one cache length: one graph for every token of every batch
@@ -127,6 +117,35 @@ def test_compiled_decoding_compiles_once_per_bucket(make_tiny_model, graphs):
         assert graphs() == 1, n
     greedy_answers(model, rows[:1], latents[:1], static=decoder, **kwargs)  # bucket 1: its own graph
     assert graphs() == 2 and sorted(key[0] for key in decoder.caches) == [1, 8]  # (batch bucket, dtype, device)
+
+
+def test_compiled_flex_prefill_gives_the_same_answers_and_takes_new_shapes_symbolically(make_tiny_model, graphs):
+    """The worker's decoder (`Compiler.static_decoder`): the prefill's attention on compiled FlexAttention, called
+    once per LLM layer per batch (the block mask reaches the layers through transformers' mask mapping), the same
+    greedy answers as the eager path, and new prompt lengths and batch sizes stop recompiling once they are
+    symbolic."""
+    model = make_tiny_model(seed=25)
+    compiler = Compiler(backend="eager")
+    kernel, calls = compiler.flex_attention(), []
+
+    def attend(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    decoder = StaticDecoder(attend=attend)  # the decode step eager: only FlexAttention's graphs are counted
+    kwargs = dict(max_new_tokens=6, eos_id=-1, pad_id=TOKENS.pad)
+    shapes = [[3, 17, 1, 9, 25], [3, 4, 5, 6, 7], [30, 2, 8], list(range(1, 9)), [40, 41], [11]]
+    counts = []
+    for seed, lengths in enumerate(shapes):
+        rows, latents = random_prompts(model, lengths, seed=seed)
+        assert greedy_answers(model, rows, latents, static=decoder, **kwargs) == greedy_answers(model, rows, latents,
+                                                                                                **kwargs)
+        assert len(calls) == (seed + 1) * model.config.llm["num_hidden_layers"]
+        counts.append(graphs())
+    # the first shapes, a new length (symbolic from then on), a new batch size (the same); one row is its own graph
+    # (dynamo specialises sizes of 1), which the worker's warm-up compiles at load
+    assert counts == [1, 2, 3, 3, 3, 4], counts
+    assert isinstance(compiler.static_decoder().attend, type(kernel))  # the worker's decoder has it too
 
 
 def test_compiled_image_path_equals_eager(make_tiny_model, graphs):
@@ -222,8 +241,8 @@ def test_vqa_worker_compiles_decoding_at_load_only_when_asked(tmp_path_factory, 
         assert worker.compiler == Compiler(backend="eager") and worker.compile_seconds > 0
         assert isinstance(worker.decode_fn.keywords["static"], StaticDecoder)
         # one decode graph per warmed-up bucket (1 row, 2 rows); the image path's three modules for one row, then
-        # for a dynamic batch dimension
-        assert at_load == 2 + 3 * 2, dict(counters["stats"])
+        # for a dynamic batch dimension; the prefill's FlexAttention for one row, then for any batch and length
+        assert at_load == 2 + 3 * 2 + 2, dict(counters["stats"])
         assert graphs() == at_load, "the first batch after the warm-up recompiled"
         eager = build("off")
         assert worker(batch).to_pydict()["answer"] == out["answer"] == eager(batch).to_pydict()["answer"]

@@ -1,9 +1,12 @@
 """workers/vqa.py without Ray, and both workers running FlashU specialists from artifacts."""
 
 import json
+import shutil
+from functools import partial
 
 import numpy as np
 import pytest
+import torch
 
 from batch_testkit import build_worker, count_tokenizer_calls, png_bytes, run, spec_dict
 from flashu_batch.jobs.spec import parse_spec
@@ -69,7 +72,8 @@ def artifacts(checkpoint, tmp_path_factory):
     (root / "img.png").write_bytes(png_bytes())
     (root / "vqa.jsonl").write_text("".join(json.dumps({"image": str(root / "img.png"), "question": q}) + "\n"
                                             for q in ("what color", "what shape")))
-    (root / "vqa.json").write_text(json.dumps({"calibration_samples": 2}))
+    # token pruning on (the tiny grid is under the default floor): its two key layouts reach every decoding path
+    (root / "vqa.json").write_text(json.dumps({"calibration_samples": 2, "token_prune_min_kept": 0}))
     run_specialize("vqa", checkpoint, str(root / "vqa"), str(root / "vqa.json"), str(root / "vqa.jsonl"))
     return root
 
@@ -91,30 +95,56 @@ def test_workers_run_their_specialists(checkpoint, artifacts):
     assert json.loads(out["model"][0])["flashu"]["calibration_samples"] == 2
 
 
-def test_a_specialist_worker_compiles_its_image_path_at_load(checkpoint, artifacts):
-    """model.compile 'on' with a FlashU VQA specialist: its decoding stays eager (per-layer caches of different
-    lengths), the image path (VAE encoder, SigLIP layers) is compiled at load for one row and a full batch; the first
-    batch compiles nothing and answers as the eager specialist."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
+@pytest.mark.parametrize("layer_skip_ratio", [0.0, 0.34])
+def test_a_specialist_worker_compiles_its_decoding_and_image_path_at_load(checkpoint, artifacts, graphs, tmp_path,
+                                                                         layer_skip_ratio):
+    """model.compile 'on' with a FlashU VQA specialist: it decodes on static shapes (flashu/understanding.py
+    SpecialistDecoder), its step and its prefill's FlexAttention compiled at load for one row and a full batch, and
+    the image path (VAE encoder, SigLIP layers) too; with layer skipping on (one of the 3 layers) its decoding stays eager, only the image path
+    compiles. The first batch compiles nothing and answers as the eager specialist."""
+    from flashu_batch.flashu.understanding import SpecialistDecoder
 
+    artifact = shutil.copytree(artifacts / "vqa", tmp_path / "vqa")
+    meta = json.loads((artifact / "flashu_vqa.json").read_text())
+    meta["config"]["layer_skip_ratio"] = layer_skip_ratio
+    (artifact / "flashu_vqa.json").write_text(json.dumps(meta))
     raw = spec_dict("job-c", checkpoint, [dict(kind="vqa", input=dict(uris="in.parquet", format="parquet"),
                                                output="out", params=dict(max_new_tokens=4))])
-    raw["model"]["specialization"] = dict(vqa=str(artifacts / "vqa"))
+    raw["model"]["specialization"] = dict(vqa=str(artifact))
     spec = parse_spec(raw)
 
     def build(setting):
         return build_worker(VQAWorker, spec, "vqa", compile=setting)
 
     rows = batch(["a", "b"], ["what color", "what shape"], [png_bytes(), png_bytes((0, 0, 255), (50, 30))])
-    torch._dynamo.reset()
-    counters.clear()
     compiled = build("on")
-    at_load = counters["stats"]["unique_graphs"]
+    assert compiled.specialist.pruned_layers() == range(2, 3)  # token pruning on: two key layouts
+    at_load = graphs()
     out = run(compiled, rows)
-    assert at_load == 3 * 2 and counters["stats"]["unique_graphs"] == at_load and compiled.compile_seconds > 0
-    assert out["answer"] == run(build("off"), rows)["answer"] and out["error"] == [None, None]
-    torch._dynamo.reset()
+    if layer_skip_ratio:
+        assert compiled.decode_fn == compiled.specialist.greedy_answers
+        assert at_load == 3 * 2  # the image path's three modules, for one row and for a dynamic batch
+    else:
+        assert isinstance(compiled.decode_fn.keywords["static"], SpecialistDecoder)
+        # one decode graph per warmed-up bucket (1 row, 2 rows), the image path, and the prefill's FlexAttention
+        # before and after token pruning (two masks), for one row and then for any batch and length
+        assert at_load == 2 + 3 * 2 + 2 * 2
+    assert graphs() == at_load and compiled.compile_seconds > 0, "the first batch after the warm-up recompiled"
+    eager = build("off")
+    assert eager.decode_fn == eager.specialist.greedy_answers
+    assert out["answer"] == run(eager, rows)["answer"] and out["error"] == [None, None]
+    # and the step logits behind those answers, within fp32 rounding
+    logits = {}
+    for name, worker in (("compiled", compiled), ("eager", eager)):
+        worker.decode_fn = partial(keep_logits, worker.decode_fn, logits, name)
+        run(worker, rows)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def keep_logits(decode_fn, logits: dict, name: str, *args, **kwargs):
+    """A worker's decode_fn that also keeps its step logits, as logits[name]."""
+    ids, logits[name] = decode_fn(*args, return_logits=True, **kwargs)
+    return ids
 
 
 def test_specialize_on_start_calibrates_in_the_worker(checkpoint):
