@@ -160,14 +160,14 @@ def batch_bucket(rows: int) -> int:
 
 
 def static_decode_step(model: Showo2, cache: StaticDecodeKVCache, next_ids: torch.Tensor, positions: torch.Tensor,
-                       slot_order: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+                       order: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """One token per row on a StaticDecodeKVCache, the same shapes at every step (what torch.compile captures).
 
-    next_ids, positions (B,) the tokens and their RoPE positions; slot_order (B, capacity) long: -1 for a real prompt
-    key, g for the slot generation step g writes, capacity for pads and unused slots; step () long -> logits (B, V)
-    fp32. Slot s is visible when slot_order <= step: the mask grows on the device, not in the shapes."""
+    next_ids, positions (B,) the tokens and their RoPE positions; order (B, capacity) long (`slot_order`): -1 for a
+    real prompt key, g for the slot generation step g writes, capacity for pads and unused slots; step () long ->
+    logits (B, V) fp32. Slot s is visible when order <= step: the mask grows on the device, not in the shapes."""
     dtype = model.showo.model.embed_tokens.weight.dtype
-    mask = additive_mask((slot_order <= step)[:, None, None, :], dtype)  # (B, 1, 1, capacity)
+    mask = additive_mask((order <= step)[:, None, None, :], dtype)  # (B, 1, 1, capacity)
     out = model.showo(input_ids=next_ids[:, None], position_ids=positions[:, None], attention_mask=mask, cache=cache,
                       use_cache=True)
     return out.logits[:, -1].float()
