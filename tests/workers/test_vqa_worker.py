@@ -100,8 +100,8 @@ def test_a_specialist_worker_compiles_its_decoding_and_image_path_at_load(checkp
                                                                          layer_skip_ratio):
     """model.compile 'on' with a FlashU VQA specialist: it decodes on static shapes (flashu/understanding.py
     SpecialistDecoder), its step and its prefill's FlexAttention compiled at load for one row and a full batch, and
-    the image path (VAE encoder, SigLIP layers) too; with layer skipping on (one of the 3 layers) its decoding stays eager, only the image path
-    compiles. The first batch compiles nothing and answers as the eager specialist."""
+    the image path (VAE encoder, SigLIP layers) too; with layer skipping on (one of the 3 layers) its decoding stays
+    eager, only the image path compiles. The first batch compiles nothing and answers as the eager specialist."""
     from flashu_batch.flashu.understanding import SpecialistDecoder
 
     artifact = shutil.copytree(artifacts / "vqa", tmp_path / "vqa")
