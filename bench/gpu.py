@@ -283,6 +283,9 @@ def main(argv=None) -> None:
     if args.worker_spec:
         del model, vae, specialist, vqa_specialist  # the workers load their own
         result["workers"] = worker_timings(args.worker_spec, args.t2i_batches, args.vqa_batches, args.repeats, device)
+    # functions whose compilation failed and which ran eager (showo2/compile.py CompiledOrEager): their figures are
+    # not the compiled path's
+    result["compile_failures"] = list(compiler.failures) if compiler is not None else []
     result["summary"] = summarize(result)
     path = write_result(result, args.out)
     print(f"wrote {path}", file=sys.stderr)
@@ -315,8 +318,10 @@ def worker_timings(spec_path: str, t2i_batches: list[int], vqa_batches: list[int
         # load_s: the pipeline's load; compile_s: compiling and warming up at load (model.compile), where the worker
         # reports them (seconds to build the worker otherwise)
         compile_s = getattr(worker, "compile_seconds", None)
+        compiler = getattr(worker, "compiler", None)
         entry = dict(kind=task.kind, load_s=round(getattr(worker, "load_seconds", built), 3),
-                     compile_s=None if compile_s is None else round(compile_s, 3), rows=[])
+                     compile_s=None if compile_s is None else round(compile_s, 3), rows=[],
+                     compile_failures=list(compiler.failures) if compiler is not None else [])
         for batch in (t2i_batches if t2i else vqa_batches):
             ids = [f"r{i}" for i in range(batch)]
             if t2i:

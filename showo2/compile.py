@@ -22,11 +22,16 @@ What is compiled (each piece where it is called, never with a decorator in the m
   `Showo2.embed_image`, compiled in place because `showo2.vqa.prompt_embeddings` calls them from inside every
   decode function. Batch shapes as for the T2I step: a second batch size makes the batch dimension dynamic.
 
+A function whose compilation fails (a kernel this torch cannot build for this card) runs eager from then on, with
+one warning (`CompiledOrEager`; `Compiler.failures` names it, and bench.gpu records it): compiling is a speed setting,
+never the reason a job fails. Seen here: inductor's CPU FlexAttention fails to build for dynamic shapes in torch 2.13.
+
 `model.compile` (jobs/spec.py) picks: "auto" compiles on CUDA (inductor) and not on CPU, "off" never, "on" also on
 CPU, where the backend is "eager" (dynamo's graphs and guards without code generation: it tests the compiled
 path, it is not a speed-up). Compiled results equal eager ones up to float rounding (tests/showo2/test_compile.py).
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,21 +50,46 @@ from flashu_batch.showo2.vqa import StaticDecoder, static_decode_step
 RECOMPILE_LIMIT = 64
 
 
+class CompiledOrEager:
+    """fn compiled, until compiling it fails (dynamo or the backend raise a TorchDynamoException, before the graph
+    runs: nothing was done twice); then fn itself from that call on, with one warning, and its name in `failures`.
+    Compiling changes speed, not results, so a kernel this torch cannot build for this card costs speed, not the
+    job. Errors of the computation itself (out of memory, bad input) pass through."""
+
+    def __init__(self, fn, compiled, failures: list):
+        self.fn, self.compiled, self.failures = fn, compiled, failures
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                name = getattr(self.fn, "__qualname__", repr(self.fn))
+                warnings.warn(f"compiling {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); it "
+                              f"runs eager from now on (model.compile: off skips compiling)", RuntimeWarning)
+                self.compiled = None
+                self.failures.append(name)
+        return self.fn(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Compiler:
-    """compiler(fn) -> fn compiled fullgraph with this backend and mode (one wrapper per function)."""
+    """compiler(fn) -> fn compiled fullgraph with this backend and mode (one wrapper per function; eager again if its
+    compilation fails, see CompiledOrEager: `failures` names those functions, e.g. for a benchmark's record)."""
 
     backend: str = "inductor"  # "eager" or "aot_eager": fast compiles for CPU tests
     mode: str | None = None  # torch.compile's mode for the T2I steps
     decode_mode: str | None = None  # for the VQA decode step: "reduce-overhead" (CUDA graphs) on CUDA
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+    failures: list = field(default_factory=list, compare=False, repr=False)
 
     def __call__(self, fn, *, decode: bool = False):
         if fn not in self._compiled:
             configure_dynamo()
             mode = self.decode_mode if decode else self.mode
-            self._compiled[fn] = torch.compile(fn, backend=self.backend, mode=mode, fullgraph=True,
-                                               dynamic=False if decode else None)  # decode: one graph per bucket
+            compiled = torch.compile(fn, backend=self.backend, mode=mode, fullgraph=True,
+                                     dynamic=False if decode else None)  # decode: one graph per bucket
+            self._compiled[fn] = CompiledOrEager(fn, compiled, self.failures)
         return self._compiled[fn]
 
     def compile_image_path(self, vae: WanVAE, model: Showo2) -> None:

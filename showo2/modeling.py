@@ -334,7 +334,8 @@ def omni_flex_mask(modality_positions: torch.Tensor, pads: torch.Tensor, seq_len
     kept (B, L') long, increasing: the positions a row keeps once tokens are pruned (flashu/understanding.py): the
     mask of the kept rows and columns, for a prompt of L' tokens.
     """
-    offset, length = modality_positions[..., 0], modality_positions[..., 1]  # (B, M) each
+    # (B, M) each; contiguous, as every tensor the mask reads (inductor's CPU FlexAttention takes no strided views)
+    offset, length = modality_positions[..., 0].contiguous(), modality_positions[..., 1].contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
         q, k = (kept[b, q_idx], kept[b, kv_idx]) if kept is not None else (q_idx, kv_idx)

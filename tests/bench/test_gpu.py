@@ -34,6 +34,7 @@ def test_gpu_bench_smoke_on_cpu_without_optional_packages(tmp_path):
     # rates are measured; the probe fraction comes from bench.flops' counts, rounded to 0 for the tiny model
     assert all(v > 0 for k, v in summary.items() if k != "t2i_exact_probe_fraction"), summary
     assert set(result["official"]) == {"t2i", "vqa_bf16", "vqa_fp32"}
+    assert result["compile_failures"] == []  # no --compile: nothing compiled, nothing fell back
     (written,) = tmp_path.glob("gpu-tiny-cpu-*.json")  # the same object, written under --out
     assert json.loads(written.read_text()) == result
 
@@ -57,6 +58,6 @@ def test_gpu_bench_times_the_workers_of_a_spec(tmp_path, checkpoint):
     workers = json.loads(written.read_text())["workers"]
     assert {w["kind"] for w in workers.values()} == {"t2i", "vqa"}
     for w in workers.values():
-        assert w["load_s"] > 0 and len(w["rows"]) == 1
+        assert w["load_s"] > 0 and len(w["rows"]) == 1 and w["compile_failures"] == []
     rates = {w["kind"]: w["rows"][0] for w in workers.values()}
     assert rates["t2i"]["images_per_s"] > 0 and rates["vqa"]["answers_per_s"] > 0 and rates["vqa"]["batch"] == 2

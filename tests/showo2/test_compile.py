@@ -145,7 +145,7 @@ def test_compiled_flex_prefill_gives_the_same_answers_and_takes_new_shapes_symbo
     # the first shapes, a new length (symbolic from then on), a new batch size (the same); one row is its own graph
     # (dynamo specialises sizes of 1), which the worker's warm-up compiles at load
     assert counts == [1, 2, 3, 3, 3, 4], counts
-    assert isinstance(compiler.static_decoder().attend, type(kernel))  # the worker's decoder has it too
+    assert compiler.static_decoder().attend is kernel  # the worker's decoder has it too (one wrapper per function)
 
 
 def test_compiled_image_path_equals_eager(make_tiny_model, graphs):
@@ -173,6 +173,32 @@ def test_compiled_image_path_equals_eager(make_tiny_model, graphs):
         torch.testing.assert_close(image_path(pixels), expected, rtol=1e-5, atol=1e-5)
         assert graphs() == (3 if i == 0 else 6), i
     assert set(model.state_dict()) == set(make_tiny_model(seed=25).state_dict())  # in place: the same keys
+
+
+def test_a_function_whose_compilation_fails_runs_eager_with_one_warning(make_tiny_model):
+    """A backend that cannot build a kernel (as inductor's CPU FlexAttention fails for dynamic shapes in torch 2.13):
+    the call runs eager, the same answers, one warning, the function named in `failures`; later calls do not retry.
+    Errors of the computation itself pass through."""
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no kernel for this card")
+
+    model = make_tiny_model(seed=26)
+    compiler = Compiler(backend=broken_backend)
+    decoder = compiler.static_decoder()
+    rows, latents = random_prompts(model, [3, 17, 1], seed=2)
+    kwargs = dict(max_new_tokens=5, eos_id=-1, pad_id=TOKENS.pad)
+    with pytest.warns(RuntimeWarning, match="compiling .* failed") as caught:
+        for _ in range(2):
+            assert greedy_answers(model, rows, latents, static=decoder, **kwargs) == greedy_answers(model, rows,
+                                                                                                    latents, **kwargs)
+    fallbacks = [w for w in caught if w.category is RuntimeWarning]  # (eager FlexAttention adds its own notice)
+    assert len(fallbacks) == 2 and compiler.failures == ["flex_attention", "static_decode_step"]  # once each
+
+    def bad_input(x):
+        raise ValueError("a real error")
+
+    with pytest.raises(ValueError, match="a real error"):
+        Compiler(backend="eager")(bad_input)(1)
 
 
 def test_compile_setting():
