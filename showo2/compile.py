@@ -95,13 +95,13 @@ class Compiler:
     def compile_image_path(self, vae: WanVAE, model: Showo2) -> None:
         """Compile, in place, what turns a VQA image into image tokens: the VAE encoder (`WanVAE.encode`'s convolutions)
         and the SigLIP encoder layers and fusion projection of `Showo2.embed_image`; the two patch embeddings (one
-        conv each), the 1x1 `conv1` and the latent normalisation stay eager. `nn.Module.compile` keeps the modules
-        and their state-dict keys, and every caller of the two methods then runs them compiled: call it once, on the
-        worker's own model. No channels-last here: the VAE's convolutions slice their 5-D weights per call
-        (`FrameConv3d`), and inductor chooses channels-last for conv graphs itself (`layout_optimization`)."""
-        configure_dynamo()
+        conv each), the 1x1 `conv1` and the latent normalisation stay eager. Each module's `forward` is replaced by
+        its compiled form (`self(forward)`, so a failed compilation runs eager, as every compiled function here): the
+        modules and their state-dict keys stay, and every caller of the two methods then runs them compiled: call it
+        once, on the worker's own model. No channels-last here: the VAE's convolutions slice their 5-D weights per
+        call (`FrameConv3d`), and inductor chooses channels-last for conv graphs itself (`layout_optimization`)."""
         for module in (vae.encoder, model.und_trans, model.fusion_proj):
-            module.compile(backend=self.backend, mode=self.mode, fullgraph=True)
+            module.forward = self(module.forward)  # an instance attribute: nn.Module.__call__ calls it
 
     def flex_attention(self):
         """FlexAttention compiled (a fused kernel that skips the blocks a mask hides; eager it is not): the VQA

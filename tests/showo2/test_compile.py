@@ -193,6 +193,17 @@ def test_a_function_whose_compilation_fails_runs_eager_with_one_warning(make_tin
                                                                                                     latents, **kwargs)
     fallbacks = [w for w in caught if w.category is RuntimeWarning]  # (eager FlexAttention adds its own notice)
     assert len(fallbacks) == 2 and compiler.failures == ["flex_attention", "static_decode_step"]  # once each
+    # the image path, compiled in place, likewise
+    from flashu_batch.showo2.vae import VAEConfig, WanVAE
+
+    vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
+    pixels = torch.rand(2, 3, model.config.resolution, model.config.resolution) * 2 - 1
+    with torch.no_grad():
+        eager = model.embed_image(vae.encode(pixels))
+        compiler.compile_image_path(vae, model)
+        with pytest.warns(RuntimeWarning, match="compiling .* failed"):
+            assert torch.equal(model.embed_image(vae.encode(pixels)), eager)
+    assert len(compiler.failures) == 5
 
     def bad_input(x):
         raise ValueError("a real error")
