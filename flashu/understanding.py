@@ -23,7 +23,9 @@ it can run on static shapes instead, as the exact path's compiled decoding (`sho
 `specialist_decode_step` (compiled by a worker's Compiler, under CUDA graphs on CUDA) runs every token of every
 batch in a bucket as one graph. All layers write generation step g into slot L + g; the pruned layers' slots
 [L', L) stay hidden. With layer skipping on, the skip set changes per step (and with it the graph), so decoding
-stays on the growing DecodeKVCache, eager (`UnderstandingSpecialist.static_decoder` returns None).
+stays on the growing DecodeKVCache, eager (`UnderstandingSpecialist.static_decoder` returns None). A compiling
+worker's prefill runs on FlexAttention (showo2.modeling.omni_flex_mask: the omni mask, then from layer K the mask of
+the kept tokens), which skips the blocks those masks hide.
 
 Shape legend: B rows, L prompt length, L' kept length, H width, N image tokens, nkv KV heads, hd head dim.
 """
