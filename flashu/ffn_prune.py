@@ -54,3 +54,12 @@ def decoder_layer(layer, h, width, **attention_kwargs):
     h, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), **attention_kwargs)
     h = residual + h
     return h + sliced_mlp(layer.mlp, layer.post_attention_layernorm(h), width)
+
+
+def run_layer(layer, h, width, **kwargs):
+    """LLM layer `layer` with its FFN cut to `width` neurons: the stock layer at full width (bit-identical to the
+    baseline), else `decoder_layer`. Both specialists run their layers through it; FlashU T2I compiles it as one
+    unit (one graph per width, shared by all layers)."""
+    if width == layer.mlp.down_proj.in_features:
+        return layer(h, **kwargs)
+    return decoder_layer(layer, h, width, **kwargs)

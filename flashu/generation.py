@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from flashu_batch.flashu.config import FlashUGenerationConfig
-from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
+from flashu_batch.flashu.ffn_prune import importance_order, kept_widths, reorder_ffn_, run_layer
 from flashu_batch.flashu.layer_skip import layer_importance, layers_to_skip
 from flashu_batch.flashu.plan import CallPlan, generation_plan
 from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
@@ -71,14 +71,6 @@ class GenerationSpecialist:
         return dict(num_inference_steps=self.config.num_inference_steps,
                     guidance_scale=self.guidance_scales(guidance_scale),
                     velocity_factory=partial(self.velocity_fn, compiler=compiler))
-
-
-def run_layer(layer, h, width, **kwargs):
-    """LLM layer `layer` with its FFN cut to `width` neurons: the stock layer at full width (bit-identical to the
-    baseline), else ffn_prune.decoder_layer. The unit FlashU compiles: one graph per width, shared by all layers."""
-    if width == layer.mlp.down_proj.in_features:
-        return layer(h, **kwargs)
-    return decoder_layer(layer, h, width, **kwargs)
 
 
 def image_span(model: Showo2, x, time_token, use_cfg: bool):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from flashu_batch.flashu.config import FlashUUnderstandingConfig
-from flashu_batch.flashu.ffn_prune import decoder_layer, importance_order, kept_widths, reorder_ffn_
+from flashu_batch.flashu.ffn_prune import importance_order, kept_widths, reorder_ffn_, run_layer
 from flashu_batch.flashu.layer_skip import layers_to_skip
 from flashu_batch.flashu.wanda import record_ffn_inputs, wanda_scores
 from flashu_batch.showo2.compile import Compiler, static_cache
@@ -112,10 +112,8 @@ class UnderstandingSpecialist:
         return range(self.config.token_prune_layer if self.pruned_token_count() > 0 else n, n)
 
     def run_layer(self, i, h, **kwargs):
-        layer = self.model.showo.model.layers[i]
-        if self.ffn_widths[i] == layer.mlp.down_proj.in_features:
-            return layer(h, **kwargs)
-        return decoder_layer(layer, h, self.ffn_widths[i], **kwargs)
+        """LLM layer i at this specialist's FFN width for it."""
+        return run_layer(self.model.showo.model.layers[i], h, self.ffn_widths[i], **kwargs)
 
     def prefill(self, embeds, position_ids, allowed, real, image, cache, score: bool = True, flex=None):
         """Prompt through every layer with token pruning at layer K -> (last hidden (B, H) final-normed,
@@ -220,15 +218,16 @@ def specialist_decode_step(specialist: UnderstandingSpecialist, cache: StaticDec
                            step: torch.Tensor) -> torch.Tensor:
     """`showo2.vqa.static_decode_step` for the specialist (what torch.compile captures): one token per row through
     every layer at its own FFN width, the same shapes at every step. next_ids, positions (Bb,); slot_orders: one
-    (Bb, C) `slot_order` per key layout, the prompt's keys then (token pruning on) the kept ones; step () long ->
-    logits (Bb, V) fp32. Each layout's mask is built once per step and shared by its layers."""
+    (Bb, C) `slot_order` per key layout the layers have: the prompt's keys (layers before K) and/or the kept ones
+    (layers from K on, the last); step () long -> logits (Bb, V) fp32. Each layout's mask is built once per step and
+    shared by its layers."""
     llm = specialist.model.showo.model
     h = llm.embed_tokens(next_ids[:, None])  # (Bb, 1, H)
     pe = llm.rotary_emb(h, positions[:, None])
     masks = [additive_mask((order <= step)[:, None, None, :], h.dtype) for order in slot_orders]  # (Bb, 1, 1, C)
     pruned = specialist.pruned_layers()
     for i in range(len(llm.layers)):
-        h = specialist.run_layer(i, h, attention_mask=masks[1 if i in pruned else 0], position_ids=positions[:, None],
+        h = specialist.run_layer(i, h, attention_mask=masks[-1 if i in pruned else 0], position_ids=positions[:, None],
                                  cache=cache, position_embeddings=pe)
     return specialist.model.showo.lm_head(llm.norm(h)[:, -1]).float()
 
@@ -253,8 +252,8 @@ class SpecialistDecoder(StaticDecoder):
                                                         attend=self.attend)
         hidden, layer_real, _ = specialist.prefill(embeds, position_ids, allowed, real, image, cache, score=False,
                                                    flex=flex)
-        pruned = specialist.pruned_layers()
-        layouts = [layer_real[0]] + ([layer_real[pruned.start]] if pruned else [])
+        pruned = specialist.pruned_layers()  # layers before it hold every prompt key, layers in it the kept ones
+        layouts = ([layer_real[0]] if pruned.start > 0 else []) + ([layer_real[pruned.start]] if pruned else [])
         orders = tuple(slot_order(keys, cache, L) for keys in layouts)
         return specialist.model.showo.lm_head(hidden).float(), self.decoder(specialist, cache, position_ids, orders)
 
