@@ -65,8 +65,9 @@ class CompiledOrEager:
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 name = getattr(self.fn, "__qualname__", repr(self.fn))
-                warnings.warn(f"compiling {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); it "
-                              f"runs eager from now on (model.compile: off skips compiling)", RuntimeWarning)
+                first_line = (str(e).splitlines() or [""])[0][:300]  # dynamo's messages run to pages
+                warnings.warn(f"compiling {name} failed ({type(e).__name__}: {first_line}); it runs eager from now on "
+                              f"(model.compile: off skips compiling)", RuntimeWarning)
                 self.compiled = None
                 self.failures.append(name)
         return self.fn(*args, **kwargs)

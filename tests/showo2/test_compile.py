@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from vqa_testkit import TOKENS, random_prompts
 from flashu_batch.flashu.config import FlashUGenerationConfig
 from flashu_batch.flashu.generation import GenerationSpecialist, pruned_widths
-from flashu_batch.showo2.compile import Compiler, compiler_for
+from flashu_batch.showo2.compile import CompiledOrEager, Compiler, compiler_for
 from flashu_batch.showo2.layouts import t2i_sequences
 from flashu_batch.showo2.prefix_cache import PrefixCachedVelocity
 from flashu_batch.showo2.t2i import generate_latents, seeded_noise
@@ -204,6 +204,14 @@ def test_a_function_whose_compilation_fails_runs_eager_with_one_warning(make_tin
         with pytest.warns(RuntimeWarning, match="compiling .* failed"):
             assert torch.equal(model.embed_image(vae.encode(pixels)), eager)
     assert len(compiler.failures) == 5
+
+    # an exception without a message still gives its warning and the eager result
+    def silent_failure(*args):
+        raise torch._dynamo.exc.TorchDynamoException()
+
+    failures = []
+    with pytest.warns(RuntimeWarning, match=r"compiling abs failed \(TorchDynamoException: \)"):
+        assert CompiledOrEager(abs, silent_failure, failures)(-3) == 3 and failures == ["abs"]
 
     def bad_input(x):
         raise ValueError("a real error")
